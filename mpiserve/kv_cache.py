@@ -1,0 +1,43 @@
+"""KV storage: one tensor per layer, `[2, num_pages, page_size, kv_heads, head_dim]`."""
+
+from __future__ import annotations
+
+import torch
+
+from mpiserve.kernels import pack_slots, unpack_slots
+
+from .model_config import ModelConfig
+
+
+def pages_for_budget(config: ModelConfig, page_size: int, budget_bytes: int) -> int:
+    return max(1, budget_bytes // (config.kv_bytes_per_token * page_size))
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, num_pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.num_pages, self.page_size = num_pages, page_size
+        shape = (2, num_pages, page_size, config.num_kv_heads, config.head_dim)
+        self.layers = [torch.empty(shape, dtype=dtype, device=device)
+                       for _ in range(config.num_layers)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def slots(self, page_ids: list[int], begin: int, end: int) -> torch.Tensor:
+        """Flat slot index of each position in [begin, end) of a sequence with these pages."""
+        positions = torch.arange(begin, end)
+        pages = torch.tensor(page_ids, dtype=torch.int64)[positions // self.page_size]
+        return (pages * self.page_size + positions % self.page_size).to(self.layers[0].device)
+
+    def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """K and V of `slots` in one layer as a contiguous `[2, n, kv_heads, head_dim]` buffer."""
+        return pack_slots(self.layers[layer], slots)
+
+    def write(self, layer: int, slots: torch.Tensor, buffer: torch.Tensor) -> None:
+        unpack_slots(self.layers[layer], slots, buffer)
+
+    def layer_bytes(self, num_tokens: int) -> int:
+        one = self.layers[0]
+        return 2 * num_tokens * one.shape[3] * one.shape[4] * one.element_size()

@@ -1,0 +1,148 @@
+"""The decoder-only transformer (Llama, Mistral, Qwen2, Qwen3) over a flat batch of tokens.
+
+Tokens of all sequences in a step are concatenated: `[T, hidden]`. Linear layers run on the
+flat batch; attention reads each sequence's context from the paged KV cache. Decode tokens
+(one per sequence) come first in the batch and use the paged decode kernel; prefill chunks
+follow, each attending causally to its whole context with SDPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mpiserve.kernels import paged_decode_attention
+
+from .model_config import ModelConfig
+from .rope import RotaryTable
+
+
+@dataclass
+class PrefillSpan:
+    row: int                        # first row of the chunk in the flat batch
+    length: int                     # query tokens in the chunk
+    context_slots: torch.Tensor     # [ctx] KV slots of positions 0..ctx-1 (ctx >= length)
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor         # [T] int64
+    positions: torch.Tensor         # [T] int64
+    slots: torch.Tensor             # [T] int64, where each token's K and V are written
+    num_decode: int                 # rows [0, num_decode) are single decode tokens
+    page_table: torch.Tensor        # [num_decode, max_pages] int32
+    context_lens: torch.Tensor      # [num_decode] int32
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    logit_rows: torch.Tensor | None = None   # [S] rows whose next-token logits are wanted
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor               # fused [(H + 2 KVH) * D, hidden]
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor           # fused [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int):
+        self.config = config
+        self.scale = config.head_dim ** -0.5
+        self.embed = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed) \
+            if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.norm = weights["model.norm.weight"]
+        self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        self.rotary = RotaryTable(config, max_positions)
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> _Layer:
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        bias = None
+        if self.config.attention_bias:
+            bias = torch.cat([w[f"{attn}{n}_proj.bias"] for n in "qkv"])
+        return _Layer(
+            input_norm=w[p + "input_layernorm.weight"],
+            qkv=torch.cat([w[f"{attn}{n}_proj.weight"] for n in "qkv"]),
+            qkv_bias=bias,
+            q_norm=w.get(attn + "q_norm.weight") if self.config.qk_norm else None,
+            k_norm=w.get(attn + "k_norm.weight") if self.config.qk_norm else None,
+            o=w[attn + "o_proj.weight"],
+            post_norm=w[p + "post_attention_layernorm.weight"],
+            gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+            down=w[p + "mlp.down_proj.weight"],
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_layers: list[torch.Tensor],
+                after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Writes the batch's K/V into `kv_layers`; returns float32 logits [S, vocab]."""
+        x = F.embedding(batch.input_ids, self.embed)             # [T, hidden]
+        for index, layer in enumerate(self.layers):
+            x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.config.rms_norm_eps),
+                                    batch, kv_layers[index])
+            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.config.rms_norm_eps))
+            if after_layer is not None:
+                after_layer(index)
+        rows = batch.logit_rows
+        hidden = x if rows is None else x[rows]
+        return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, layer.down)
+
+    def _attention(self, layer: _Layer, x: torch.Tensor, batch: ForwardBatch,
+                   kv: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        heads, kv_heads, dim = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
+        q = self.rotary.apply(q, batch.positions)
+        k = self.rotary.apply(k, batch.positions)
+        flat = kv.view(2, -1, kv_heads, dim)                     # [2, slots, KVH, D]
+        flat[0].index_copy_(0, batch.slots, k)
+        flat[1].index_copy_(0, batch.slots, v)
+        out = torch.empty_like(q)                                # [T, H, D]
+        if batch.num_decode:
+            n = batch.num_decode
+            out[:n] = paged_decode_attention(q[:n], kv, batch.page_table, batch.context_lens,
+                                             self.scale)
+        for span in batch.prefills:
+            out[span.row:span.row + span.length] = self._prefill_attention(q, k, v, flat, span)
+        return F.linear(out.view(-1, heads * dim), layer.o)
+
+    def _prefill_attention(self, q, k, v, flat, span: PrefillSpan) -> torch.Tensor:
+        rows = slice(span.row, span.row + span.length)
+        ctx = span.context_slots.numel()
+        if ctx == span.length:                                   # no earlier context: use k, v
+            keys, values, mask = k[rows], v[rows], None
+        else:
+            keys = flat[0].index_select(0, span.context_slots)
+            values = flat[1].index_select(0, span.context_slots)
+            query_pos = torch.arange(ctx - span.length, ctx)
+            mask = query_pos[:, None] >= torch.arange(ctx)[None, :]
+        out = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+            scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)                            # [length, H, D]

@@ -1,0 +1,162 @@
+"""Continuous batching with chunked prefill under a per-step token budget (pure bookkeeping).
+
+Each step first serves running sequences (decodes and unfinished prefills) in arrival order,
+then admits waiting ones. When pages run out, the most recently admitted running sequence is
+preempted: its pages are released (its full pages stay in the prefix cache) and it is
+recomputed later, which changes nothing in its output.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .errors import CapacityError, InvalidRequestError
+from .page_pool import ROOT_HASH, PagePool
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Positions [start, start + length) of `seq` computed in one step; `samples` tells whether
+    the step then samples the sequence's next token (fixed when the chunk is scheduled)."""
+    seq: Sequence
+    start: int
+    length: int
+    samples: bool = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "samples",
+                           self.end == self.seq.num_tokens and not self.seq.prefill_only)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, max_num_seqs: int, max_batch_tokens: int,
+                 max_model_len: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check_fits(self, seq: Sequence) -> None:
+        """Refuse a sequence that could never fit the context or the page pool."""
+        if not seq.prompt:
+            raise InvalidRequestError(f"request {seq.seq_id!r}: empty prompt")
+        if len(seq.prompt) >= self.max_model_len and not seq.prefill_only:
+            raise InvalidRequestError(
+                f"request {seq.seq_id!r}: prompt of {len(seq.prompt)} tokens leaves no room to "
+                f"generate in the model's context of {self.max_model_len} tokens")
+        if len(seq.prompt) > self.max_model_len:
+            raise InvalidRequestError(f"request {seq.seq_id!r}: prompt of {len(seq.prompt)} "
+                                      f"tokens exceeds the context of {self.max_model_len}")
+        need = self.pool.pages_for(min(seq.max_total_tokens(), self.max_model_len))
+        if need > self.pool.num_pages:
+            raise CapacityError(f"request {seq.seq_id!r} needs {need} KV pages but the pool has "
+                                f"only {self.pool.num_pages}; raise --kv-cache-gib")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_batch_tokens
+        chunks: list[Chunk] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            length = min(seq.num_uncomputed, budget)
+            if self._grow(seq, seq.num_computed + length):
+                chunks.append(Chunk(seq, seq.num_computed, length))
+                budget -= length
+                i += 1
+            else:
+                self._preempt(self.running[-1])
+                preempted = True
+        while self.waiting and budget > 0 and not preempted \
+                and len(self.running) < self.max_num_seqs:
+            chunk = self._admit(self.waiting[0], budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            chunks.append(chunk)
+            budget -= chunk.length
+        return chunks
+
+    def computed(self, chunk: Chunk) -> None:
+        """Record that a chunk's KV is written; publish newly full pages to the prefix cache."""
+        seq = chunk.seq
+        seq.num_computed = chunk.end
+        self.publish_full_pages(seq)
+
+    def publish_full_pages(self, seq: Sequence) -> None:
+        size = self.pool.page_size
+        tokens = seq.tokens
+        while (len(seq.page_hashes) + 1) * size <= seq.num_computed:
+            k = len(seq.page_hashes)
+            parent = seq.page_hashes[-1] if seq.page_hashes else ROOT_HASH
+            seq.page_hashes.append(
+                self.pool.register(seq.page_ids[k], parent, tokens[k * size:(k + 1) * size]))
+
+    def finish(self, seq: Sequence, release: bool = True) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if release:
+            self.release_pages(seq)
+
+    def release_pages(self, seq: Sequence) -> None:
+        self.pool.release(seq.page_ids)
+        seq.page_ids, seq.page_hashes = [], []
+
+    def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
+        matched_here = not seq.page_ids
+        if matched_here:
+            pages, hashes = self.pool.match_prefix(seq.tokens, limit=seq.num_tokens - 1)
+            self.pool.acquire(pages)
+            seq.page_ids, seq.page_hashes = pages, hashes
+            seq.num_computed = len(pages) * self.pool.page_size
+            if seq.num_preemptions == 0:
+                seq.prefix_matched = max(seq.prefix_matched, seq.num_computed)
+        seq.num_computed = min(seq.num_computed, seq.num_tokens - 1)
+        length = min(seq.num_uncomputed, budget)
+        if not self._grow(seq, seq.num_computed + length):
+            if matched_here:
+                self.release_pages(seq)
+                seq.num_computed = 0
+            return None
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return Chunk(seq, seq.num_computed, length)
+
+    def _grow(self, seq: Sequence, upto: int) -> bool:
+        need = self.pool.pages_for(upto) - len(seq.page_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_available:
+            return False
+        seq.page_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.release_pages(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,71 @@
+"""One request's tokens, pages and progress inside an engine (pure bookkeeping)."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens are prompt + output; KV of positions [0, num_computed) is valid in `page_ids`.
+
+    A sequence with `prefill_only` computes the KV of its prompt and samples nothing; the
+    microserving `remote_send` call uses it to produce KV for another engine.
+    """
+
+    def __init__(self, seq_id, prompt: list[int], params: SamplingParams,
+                 prefill_only: bool = False):
+        self.seq_id = seq_id
+        self.prompt = list(prompt)
+        self.output: list[int] = []
+        self.params = params
+        self.prefill_only = prefill_only
+        self.status = SequenceStatus.WAITING
+        self.page_ids: list[int] = []
+        self.page_hashes: list[int] = []   # chained hashes of the full pages registered so far
+        self.num_computed = 0
+        self.prefix_matched = 0            # prompt tokens found in the prefix cache or received
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while the step that computes this sequence's next tokens samples nothing."""
+        return self.num_computed + 1 < self.num_tokens
+
+    def max_total_tokens(self) -> int:
+        """Upper bound of the positions this sequence may ever hold KV for."""
+        if self.prefill_only:
+            return len(self.prompt)
+        return len(self.prompt) + self.params.max_tokens
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.seq_id!r}, prompt={len(self.prompt)}, out={len(self.output)}, "
+                f"computed={self.num_computed}, {self.status.value})")
