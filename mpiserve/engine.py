@@ -24,6 +24,9 @@ from .stopping import finish_reason
 from .tokenizer import Tokenizer
 
 
+LayerHookFactory = Callable[[list[Chunk]], Callable[[int], None] | None]
+
+
 @dataclass(frozen=True)
 class TokenEvent:
     """What one step did for one sequence: a new token, and whether it finished."""
@@ -79,16 +82,65 @@ class Engine:
         self.scheduler.finish(seq)
         self._generators.pop(id(seq), None)
 
+    # ---- microserving: KV that moves between engines --------------------------------------
+    def reserve(self, seq_id, prompt: list[int], params: SamplingParams,
+                end: int) -> Sequence | None:
+        """prep_recv: take the cached prefix of prompt[:end] and reserve pages for the rest of
+        [0, end). None when the pages are not free yet; raises if they never can be."""
+        seq = Sequence(seq_id, prompt, params)
+        self.check_tokens(seq)
+        self.scheduler.check_fits(seq)
+        pages, hashes = self.pool.match_prefix(prompt, limit=min(end, len(prompt) - 1))
+        self.pool.acquire(pages)
+        fresh = self.pool.pages_for(end) - len(pages)
+        if fresh > self.pool.num_available:
+            self.pool.release(pages)
+            return None
+        seq.page_ids = pages + self.pool.allocate(fresh)
+        seq.page_hashes = hashes
+        seq.num_computed = seq.prefix_matched = len(pages) * self.pool.page_size
+        return seq
+
+    def kv_received(self, seq: Sequence, end: int) -> None:
+        """The KV of positions [num_computed, end) of a reserved sequence has been written."""
+        seq.num_computed = max(seq.num_computed, end)
+        self.scheduler.publish_full_pages(seq)
+
+    def drop_reserved_tail(self, seq: Sequence) -> None:
+        """A transfer failed: free the pages beyond what the sequence already holds."""
+        keep = self.pool.pages_for(seq.num_computed)
+        self.pool.release(seq.page_ids[keep:])
+        del seq.page_ids[keep:]
+
+    def generate_reserved(self, seq: Sequence) -> None:
+        """start_generate on a sequence that holds KV from prep_recv (and remote_send)."""
+        self.scheduler.add(seq)
+        self._generators[id(seq)] = new_generator(seq.params)
+
+    def prefill_for_send(self, seq_id, prompt: list[int]) -> Sequence:
+        """remote_send: compute the KV of `prompt` (prefix cache first), sample nothing."""
+        seq = Sequence(seq_id, prompt, SamplingParams(max_tokens=1), prefill_only=True)
+        self.check_tokens(seq)
+        self.scheduler.add(seq)
+        return seq
+
+    def release(self, seq: Sequence) -> None:
+        """Give back the pages of a sequence that left the scheduler (a reservation, a send)."""
+        self.scheduler.release_pages(seq)
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
     # ---- the step ------------------------------------------------------------------------------
-    def step(self, after_layer: Callable[[int], None] | None = None) -> list[TokenEvent]:
+    def step(self, layer_hook: LayerHookFactory | None = None) -> list[TokenEvent]:
+        """Schedule, run the model once, sample. `layer_hook(chunks)` may return a callback
+        run after each layer's KV is written (the KV sender streams layers from it)."""
         chunks = order_chunks(self.scheduler.schedule())
         if not chunks:
             return []
         batch = build_forward_batch(chunks, self.kv, self.device)
+        after_layer = layer_hook(chunks) if layer_hook is not None else None
         logits = self.model.forward(batch, self.kv.layers, after_layer)
         events, row = [], 0
         for chunk in chunks:
@@ -98,6 +150,7 @@ class Engine:
                 events.append(self._append_token(chunk.seq, logits[row]))
                 row += 1
             elif chunk.seq.prefill_only and chunk.end == chunk.seq.num_tokens:
+                self.scheduler.finish(chunk.seq, release=False)     # pages go with the send
                 events.append(TokenEvent(chunk.seq, None, True))
         return events
 

@@ -34,6 +34,7 @@ class Sequence:
         self.num_computed = 0
         self.prefix_matched = 0            # prompt tokens found in the prefix cache or received
         self.num_preemptions = 0
+        self.fallback = False              # KV expected from another engine was recomputed
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None

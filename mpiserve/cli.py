@@ -1,0 +1,87 @@
+"""The `mpiserve` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .engine_config import EngineConfig
+from .errors import MpiserveError
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in "
+                   "demo model, generated on first use)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--kv-cache-gib", type=float, default=0.5, help="KV page pool per engine")
+    g.add_argument("--num-pages", type=int, help="KV pages per engine (overrides --kv-cache-gib)")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-batch-tokens", type=int, default=1024,
+                   help="tokens computed per engine step (chunked prefill budget)")
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--torch-threads", type=int, default=1, help="torch threads per rank")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, page_size=args.page_size,
+                        kv_cache_gib=args.kv_cache_gib, num_pages=args.num_pages,
+                        max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
+                        max_model_len=args.max_model_len, torch_threads=args.torch_threads,
+                        device=args.device)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpiserve", description="Serve LLMs as one MPI job.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve a batch file (start with mpiexec -n 1+P+D)",
+                         description="Rank 0 routes; ranks 1..P prefill; the rest decode.")
+    run.add_argument("--input", required=True, help="OpenAI batch JSONL input")
+    run.add_argument("--output", required=True, help="OpenAI batch JSONL output (appended; "
+                     "records already there are skipped, so a re-run resumes)")
+    run.add_argument("--prefill", type=int, help="prefill engines (default: half the engines)")
+    run.add_argument("--decode", type=int, help="decode engines (default: the rest)")
+    run.add_argument("--router", default="round_robin",
+                     help="round_robin, pd, balanced_pd, prefix_aware, adaptive, or "
+                          "path/to/file.py:function")
+    run.add_argument("--router-arg", action="append", type=_key_value, default=[],
+                     metavar="KEY=VALUE", help="option for the router (cluster.args)")
+    run.add_argument("--max-inflight", type=int, default=256,
+                     help="requests the router works on at once")
+    run.add_argument("--transfer-timeout", type=float, default=60.0,
+                     help="seconds before a KV transfer is given up (the request recomputes)")
+    run.add_argument("--heartbeat-timeout", type=float, default=120.0,
+                     help="seconds of silence after which an engine rank counts as dead")
+    run.add_argument("--fail-transfers", type=int, default=0, help=argparse.SUPPRESS)
+    _engine_arguments(run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from .job import JobOptions, run_job
+            return run_job(JobOptions(
+                input=args.input, output=args.output, router=args.router,
+                router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,
+                max_inflight=args.max_inflight, transfer_timeout_s=args.transfer_timeout,
+                heartbeat_timeout_s=args.heartbeat_timeout, fail_transfers=args.fail_transfers,
+                engine=engine_config(args)))
+    except MpiserveError as exc:
+        print(f"mpiserve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The MPI job: bring-up, control messages, KV transfer and the engine rank loop."""

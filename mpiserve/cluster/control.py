@@ -1,0 +1,48 @@
+"""The control plane: pickled message objects over mpi4py, non-blocking and ordered per pair."""
+
+from __future__ import annotations
+
+import time
+
+CONTROL_TAG = 7301
+
+
+class ControlChannel:
+    """Sends with `isend` and keeps each request until it completes; receives by draining
+    matched probes, so one call never blocks."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self._in_flight = []
+
+    def send(self, dest: int, message) -> None:
+        self._in_flight.append(self.comm.isend(message, dest=dest, tag=CONTROL_TAG))
+        if len(self._in_flight) > 64:
+            self._reap()
+
+    def broadcast(self, dests, message) -> None:
+        for dest in dests:
+            self.send(dest, message)
+
+    def receive_all(self) -> list[tuple[int, object]]:
+        """Every message that has arrived, as (source rank, message), in arrival order."""
+        from mpi4py import MPI
+        got = []
+        status = MPI.Status()
+        while True:
+            handle = self.comm.improbe(source=MPI.ANY_SOURCE, tag=CONTROL_TAG, status=status)
+            if handle is None:
+                return got
+            got.append((status.Get_source(), handle.recv()))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (bounded) until every sent message has left; True if they all did."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.001)
+        return not self._in_flight
+
+    def _reap(self) -> None:
+        self._in_flight = [req for req in self._in_flight if not req.Test()]

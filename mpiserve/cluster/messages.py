@@ -1,0 +1,109 @@
+"""Control-plane messages: small picklable objects sent over mpi4py (never KV data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a router sees of one request: `prompt` is a list of token ids."""
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+
+    def resolve(self, index: int | None, default: int) -> int:
+        """A Python-style index into the prompt as an absolute position (None -> default)."""
+        n = len(self.prompt)
+        if index is None:
+            return default
+        if not -n <= index <= n:
+            raise IndexError(f"request {self.id!r}: index {index} outside a prompt of {n} tokens")
+        return index + n if index < 0 else index
+
+
+@dataclass(frozen=True)
+class KVAddress:
+    """Where a receiver will hold the KV of `prompt[:end]`: its first `matched` tokens are
+    already there (prefix cache); `page_ids` are its pages for positions [0, end)."""
+    rank: int
+    request_id: str
+    matched: int
+    end: int
+    page_ids: tuple[int, ...]
+
+
+# ---- router -> engine --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    call_id: int
+    method: str            # "prep_recv" | "remote_send" | "start_generate" | "release"
+    request: Request
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = "done"
+
+
+# ---- engine -> router --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reply:
+    """The answer to a call; `error` is a formatted message with the engine's rank."""
+    call_id: int
+    value: object = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenUpdate:
+    call_id: int
+    tokens: list[int]
+    finish_reason: str | None = None
+    info: dict | None = None            # on the last update: prefix_matched, fallback, ...
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """All token updates one engine step produced, in one message."""
+    updates: list[TokenUpdate]
+
+
+@dataclass(frozen=True)
+class TransferDone:
+    """From the receiver: the KV of a remote_send call has landed (or failed)."""
+    call_id: int
+    ok: bool
+    nbytes: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    rank: int
+    stats: dict
+
+
+@dataclass(frozen=True)
+class Fatal:
+    rank: int
+    traceback: str
+
+
+# ---- engine -> engine --------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVAnnounce:
+    """Sent by the sender before it posts its point-to-point sends (one per layer, in layer
+    order), so the receiver posts matching receives in the same order (NCCL ignores tags)."""
+    call_id: int
+    request_id: str
+    begin: int
+    end: int
+    layer_shape: tuple[int, ...]        # [2, end - begin, kv_heads, head_dim]
+    dtype: str
+    num_layers: int
+    ok: bool = True                     # False: the sender failed; no data follows
+    reason: str = ""

@@ -1,0 +1,162 @@
+"""`mpiserve run`: one MPI job. Rank 0 routes and writes results; every other rank is an engine."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cluster.layout import ROUTER_RANK, JobLayout
+from .engine_config import EngineConfig
+from .errors import MpiserveError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    input: str
+    output: str
+    router: str = "round_robin"
+    router_args: dict = field(default_factory=dict)
+    prefill: int | None = None
+    decode: int | None = None
+    max_inflight: int = 256
+    transfer_timeout_s: float = 60.0
+    heartbeat_timeout_s: float = 120.0
+    fail_transfers: int = 0
+    engine: EngineConfig = EngineConfig()
+
+
+def say(message: str) -> None:
+    print(f"mpiserve: {message}", file=sys.stderr, flush=True)
+
+
+def run_job(options: JobOptions) -> int:
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    layout = JobLayout.infer(comm.Get_size(), options.prefill, options.decode)
+    problem = layout.problem()
+    if problem:
+        if rank == ROUTER_RANK:
+            say(f"error: {problem}")
+        return EXIT_USAGE
+    prepared = _prepare_router(options) if rank == ROUTER_RANK else None
+    if not comm.bcast(prepared is not None and not isinstance(prepared, str), root=ROUTER_RANK):
+        if rank == ROUTER_RANK:
+            say(f"error: {prepared}")
+        return EXIT_USAGE
+    from .cluster.bringup import init_data_plane
+    init_data_plane(comm, timeout_s=options.heartbeat_timeout_s)
+    if rank == ROUTER_RANK:
+        return _router_rank(comm, layout, options, prepared)
+    return _engine_rank(comm, layout, options)
+
+
+def _prepare_router(options: JobOptions):
+    """Everything rank 0 must check before the engines load: router, input, output, model."""
+    from .batch_input import read_batch
+    from .batch_output import BatchOutput
+    from .demo_model import demo_model_dir
+    from .model_config import ModelConfig
+    from .router.loader import load_router
+    from .tokenizer import Tokenizer
+    try:
+        route = load_router(options.router)
+        items = read_batch(options.input)
+        model_dir = options.engine.model or str(demo_model_dir())
+        config = ModelConfig.from_dir(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        output = BatchOutput(options.output)
+    except MpiserveError as exc:
+        return str(exc)
+    return route, items, model_dir, config, tokenizer, output
+
+
+def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
+    from .cluster.engine_worker import EngineWorker, WorkerOptions
+    from .engine import Engine
+    worker = None
+    try:
+        engine = Engine(options.engine)
+        worker = EngineWorker(comm, engine, layout.role(comm.Get_rank()), WorkerOptions(
+            transfer_timeout_s=options.transfer_timeout_s, fail_transfers=options.fail_transfers))
+        worker.run()
+    except BaseException as exc:          # report, then let rank 0 end the job
+        _report_engine_failure(comm, worker, exc)
+        _wait_for_abort(comm, options.heartbeat_timeout_s)
+        return EXIT_FAILED
+    _close_data_plane()
+    return EXIT_OK
+
+
+def _report_engine_failure(comm, worker, exc: BaseException) -> None:
+    from .cluster.control import ControlChannel
+    from .cluster.messages import Fatal
+    if worker is not None:
+        worker.fail(exc)
+        return
+    control = ControlChannel(comm)
+    control.send(ROUTER_RANK, Fatal(comm.Get_rank(), "".join(traceback.format_exception(exc))))
+    control.flush(timeout=5.0)
+
+
+def _wait_for_abort(comm, timeout_s: float) -> None:
+    """After reporting a failure: rank 0 aborts the job; if it never does, abort ourselves."""
+    time.sleep(timeout_s)
+    comm.Abort(EXIT_FAILED)
+
+
+def _close_data_plane() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
+    route, items, model_dir, config, tokenizer, output = prepared
+    try:
+        tally = asyncio.run(_serve(comm, layout, options, route, items, model_dir, config,
+                                   tokenizer, output))
+    except BaseException as exc:
+        output.close()
+        say(f"job failed: {exc}" if isinstance(exc, RuntimeError) else traceback.format_exc())
+        comm.Abort(EXIT_FAILED)
+        return EXIT_FAILED
+    output.close()
+    _close_data_plane()
+    say(f"done: {tally.completed} completed, {tally.failed} errors, {tally.skipped} already "
+        f"in {options.output}; {tally.generated_tokens} tokens in "
+        f"{time.monotonic() - tally.started:.1f} s")
+    return EXIT_OK
+
+
+async def _serve(comm, layout, options, route, items, model_dir, config, tokenizer, output):
+    from .cluster.control import ControlChannel
+    from .cluster.messages import Shutdown
+    from .router.batch_runner import BatchRunner, ModelLimits
+    from .router.cluster import Cluster
+    from .router.dispatcher import Dispatcher
+    control = ControlChannel(comm)
+    dispatcher = Dispatcher(control, layout.engine_ranks, options.heartbeat_timeout_s)
+    roles = {rank: layout.role(rank) for rank in layout.engine_ranks}
+    cluster = Cluster(dispatcher, roles, options.engine.page_size, options.router_args)
+    name = Path(options.engine.model).name if options.engine.model else "mpiserve-demo"
+    limits = ModelLimits(name, config.vocab_size,
+                         options.engine.max_model_len or config.max_position_embeddings)
+    runner = BatchRunner(cluster, route, options.router, tokenizer, limits, output,
+                         options.max_inflight)
+    stop = asyncio.Event()
+    pump = asyncio.create_task(dispatcher.pump(stop))
+    try:
+        tally = await runner.run(items)
+    finally:
+        stop.set()
+        await pump
+    control.broadcast(layout.engine_ranks, Shutdown())
+    control.flush()
+    return tally

@@ -1,0 +1,130 @@
+"""Rank 0 serves a batch: each input record goes through the router and comes out as exactly
+one output record (a completion or an error), written as soon as it finishes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from ..batch_input import BatchItem
+from ..batch_output import BatchOutput, completion_record, error_record
+from ..cluster.messages import Request
+from ..stopping import visible_text
+from ..tokenizer import Tokenizer
+from .cluster import Cluster
+from .dispatcher import EngineFailure
+
+
+@dataclass
+class BatchTally:
+    total: int = 0
+    skipped: int = 0            # already in the output from an earlier run
+    completed: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    latencies: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    name: str
+    vocab_size: int
+    max_model_len: int
+
+
+class BatchRunner:
+    def __init__(self, cluster: Cluster, route, router_name: str, tokenizer: Tokenizer,
+                 limits: ModelLimits, output: BatchOutput, max_inflight: int):
+        self.cluster, self.route, self.router_name = cluster, route, router_name
+        self.tokenizer, self.limits, self.output = tokenizer, limits, output
+        self.max_inflight = max_inflight
+        self.tally = BatchTally()
+
+    async def run(self, items) -> BatchTally:
+        slots = asyncio.Semaphore(self.max_inflight)
+        tasks = set()
+        for item in items:
+            self.tally.total += 1
+            if self.output.is_done(item):
+                self.tally.skipped += 1
+                continue
+            request = self._request_or_error(item)
+            if request is None:
+                continue
+            await slots.acquire()
+            task = asyncio.create_task(self._serve(item, request))
+            tasks.add(task)
+            task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+        await asyncio.gather(*tasks)
+        return self.tally
+
+    def _request_or_error(self, item: BatchItem) -> Request | None:
+        if item.error is not None:
+            self._write_error(item, item.error)
+            return None
+        try:
+            prompt = self._prompt_ids(item)
+        except Exception as exc:          # a template or tokenizer failure on this record
+            self._write_error(item, f"line {item.line_no}: {type(exc).__name__}: {exc}")
+            return None
+        problem = self._prompt_problem(prompt)
+        if problem:
+            self._write_error(item, f"line {item.line_no}: {problem}")
+            return None
+        return Request(item.custom_id, prompt, item.params)
+
+    def _prompt_ids(self, item: BatchItem) -> list[int]:
+        if item.kind == "chat":
+            text = self.tokenizer.apply_chat_template(item.messages)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(item.prompt, str):
+            return self.tokenizer.encode(item.prompt)
+        return list(item.prompt)
+
+    def _prompt_problem(self, prompt: list[int]) -> str | None:
+        limits = self.limits
+        if not prompt:
+            return "the prompt is empty after tokenization"
+        if len(prompt) >= limits.max_model_len:
+            return (f"prompt of {len(prompt)} tokens leaves no room to generate in the "
+                    f"context of {limits.max_model_len} tokens")
+        bad = next((t for t in prompt if t >= limits.vocab_size), None)
+        if bad is not None:
+            return f"token id {bad} is outside the vocabulary of {limits.vocab_size}"
+        return None
+
+    async def _serve(self, item: BatchItem, request: Request) -> None:
+        trace = self.cluster.trace(request)
+        trace.started = time.monotonic()
+        tokens: list[int] = []
+        try:
+            async for chunk in self.route(request, self.cluster):
+                tokens.extend(chunk)
+        except EngineFailure:
+            raise
+        except Exception as exc:
+            self.cluster.pop_trace(request)
+            self._write_error(item, f"router {self.router_name} failed on {item.custom_id!r}: "
+                              f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+                              code="router_error")
+            return
+        trace = self.cluster.pop_trace(request)
+        trace.finished = time.monotonic()
+        self._write_result(item, request, tokens, trace)
+
+    def _write_result(self, item, request, tokens, trace) -> None:
+        text = visible_text(self.tokenizer.decode(tokens), request.params.stop)
+        metrics = trace.metrics(self.router_name)
+        self.output.write(completion_record(item, request.id, tokens, text,
+                                            trace.finish_reason or "length",
+                                            len(request.prompt), metrics, self.limits.name))
+        self.tally.completed += 1
+        self.tally.generated_tokens += len(tokens)
+        self.tally.latencies.append(metrics)
+
+    def _write_error(self, item: BatchItem, message: str, code: str = "invalid_request") -> None:
+        self.output.write(error_record(item, message, code))
+        self.tally.failed += 1

@@ -1,0 +1,119 @@
+"""Rank 0's side of the control plane: sends calls, and turns replies, token streams, stats
+and failures from the engines into asyncio results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..cluster.backoff import Backoff
+from ..cluster.control import ControlChannel
+from ..cluster.messages import (Call, Fatal, Reply, StatsSnapshot, TokenBatch, TokenUpdate,
+                                TransferDone)
+
+
+class EngineCallError(RuntimeError):
+    """An engine refused a call (the message names the rank and the reason)."""
+
+
+class EngineFailure(RuntimeError):
+    """An engine rank died or stopped answering; the job cannot go on."""
+
+
+class Dispatcher:
+    def __init__(self, control: ControlChannel, engine_ranks: list[int],
+                 heartbeat_timeout_s: float = 120.0):
+        self.control = control
+        self.engine_ranks = engine_ranks
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.stats: dict[int, dict] = {}
+        self.last_heard = {rank: time.monotonic() for rank in engine_ranks}
+        self.failure: EngineFailure | None = None
+        self._next_call = 0
+        self._futures: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, asyncio.Queue] = {}
+
+    # ---- calls ------------------------------------------------------------------------------
+    def _send(self, rank: int, method: str, request, args: dict) -> int:
+        if self.failure is not None:
+            raise self.failure
+        self._next_call += 1
+        self.control.send(rank, Call(self._next_call, method, request, args))
+        return self._next_call
+
+    async def call(self, rank: int, method: str, request, **args):
+        """Send a call and wait for its single answer (a Reply value or a TransferDone)."""
+        future = asyncio.get_running_loop().create_future()
+        call_id = self._send(rank, method, request, args)
+        self._futures[call_id] = future
+        return await future
+
+    def stream(self, rank: int, request, **args) -> asyncio.Queue:
+        """Send start_generate; its TokenUpdates (or an exception) arrive on the queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[self._send(rank, "start_generate", request, args)] = queue
+        return queue
+
+    # ---- incoming ---------------------------------------------------------------------------
+    async def pump(self, stop: asyncio.Event) -> None:
+        """Deliver engine messages until `stop` is set; sleeps with backoff when idle."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                messages = self.control.receive_all()
+                for source, message in messages:
+                    self.last_heard[source] = time.monotonic()
+                    self._deliver(source, message)
+                self._check_heartbeats()
+            except Exception as exc:         # never leave the routers waiting on a dead pump
+                self._fail(EngineFailure(f"rank 0 could not handle engine messages: {exc!r}"))
+                raise
+            if messages:
+                backoff.reset()
+                await asyncio.sleep(0)
+            else:
+                await backoff.sleep_async()
+
+    def _deliver(self, source: int, message) -> None:
+        if isinstance(message, Reply):
+            future = self._futures.pop(message.call_id)
+            if message.error is not None:
+                future.set_exception(EngineCallError(message.error))
+            elif not future.done():
+                future.set_result(message.value)
+        elif isinstance(message, TransferDone):
+            future = self._futures.pop(message.call_id, None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, TokenBatch):
+            for update in message.updates:
+                self._stream_update(source, update)
+        elif isinstance(message, StatsSnapshot):
+            self.stats[message.rank] = message.stats
+        elif isinstance(message, Fatal):
+            self._fail(EngineFailure(f"engine rank {message.rank} failed:\n{message.traceback}"))
+
+    def _stream_update(self, source: int, update: TokenUpdate) -> None:
+        queue = self._streams.get(update.call_id)
+        if queue is None:
+            return
+        queue.put_nowait(update)
+        if update.finish_reason is not None:
+            del self._streams[update.call_id]
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        silent = [r for r, t in self.last_heard.items() if now - t > self.heartbeat_timeout_s]
+        if silent and self.failure is None:
+            self._fail(EngineFailure(f"engine rank(s) {silent} sent nothing for "
+                                     f"{self.heartbeat_timeout_s:.0f} s"))
+
+    def _fail(self, failure: EngineFailure) -> None:
+        self.failure = failure
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(failure)
+        for queue in self._streams.values():
+            queue.put_nowait(failure)
+        self._futures.clear()
+        self._streams.clear()

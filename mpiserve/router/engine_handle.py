@@ -1,0 +1,104 @@
+"""The three microserving calls on one engine rank, as routers use them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..cluster.messages import KVAddress, Request, TokenUpdate, TransferDone
+from .dispatcher import Dispatcher
+
+
+@dataclass(frozen=True)
+class Load:
+    """Rank 0's live view of one engine's work."""
+    active: int                 # requests generating or sending KV on it
+    queued_prefill: int         # prompt tokens given to it to prefill, not yet done
+    running: int                # as last reported by the engine
+    waiting: int
+    pages_free: int
+
+
+class EngineHandle:
+    def __init__(self, rank: int, role: str, dispatcher: Dispatcher, cluster):
+        self.rank, self.role = rank, role
+        self._dispatcher = dispatcher
+        self._cluster = cluster
+        self._active = 0
+        self._queued_prefill = 0
+
+    def __repr__(self) -> str:
+        return f"<engine rank {self.rank} ({self.role})>"
+
+    @property
+    def load(self) -> Load:
+        stats = self._dispatcher.stats.get(self.rank, {})
+        return Load(self._active, self._queued_prefill, stats.get("running", 0),
+                    stats.get("waiting", 0),
+                    stats.get("pages_total", 0) - stats.get("pages_used", 0))
+
+    async def prep_recv(self, request: Request, end: int | None = None) -> KVAddress:
+        """Match prompt[:end] in this engine's prefix cache and reserve pages for the rest."""
+        trace = self._cluster.trace(request)
+        trace.engines.add(self.rank)
+        kv = await self._dispatcher.call(self.rank, "prep_recv", request, end=end)
+        trace.prefix_matched = max(trace.prefix_matched, kv.matched)
+        return kv
+
+    async def remote_send(self, request: Request, kv: KVAddress, begin: int = 0,
+                          end: int | None = None) -> TransferDone:
+        """Compute what this engine lacks of prompt[:end] and send the KV of [begin, end) into
+        the receiver's pages. Returns once the receiver holds them, or the transfer failed (the
+        receiver then recomputes; `ok` is False)."""
+        trace = self._cluster.trace(request)
+        trace.engines.add(self.rank)
+        stop = request.resolve(end, len(request.prompt))
+        work = max(0, stop - self._cluster.prefixes.matched(self.rank, request.prompt[:stop]))
+        self._active += 1
+        self._queued_prefill += work
+        try:
+            done = await self._dispatcher.call(self.rank, "remote_send", request, kv=kv,
+                                               begin=begin, end=end)
+        finally:
+            self._active -= 1
+            self._queued_prefill -= work
+        self._cluster.prefixes.add(self.rank, request.prompt, stop)
+        trace.kv_bytes += done.nbytes
+        if done.ok:
+            self._cluster.prefixes.add(kv.rank, request.prompt, stop)
+        else:
+            self._cluster.count_failed_transfer(request, done.reason)
+        return done
+
+    async def start_generate(self, request: Request, begin: int = 0) -> AsyncIterator[list[int]]:
+        """Prefill prompt[begin:] on top of the KV this engine holds and stream new tokens."""
+        trace = self._cluster.trace(request)
+        trace.engines.add(self.rank)
+        work = len(request.prompt) - request.resolve(begin, 0)
+        self._active += 1
+        self._queued_prefill += work
+        queue = self._dispatcher.stream(self.rank, request, begin=begin)
+        try:
+            while True:
+                update = await queue.get()
+                if isinstance(update, Exception):
+                    raise update
+                if work:
+                    self._queued_prefill -= work
+                    work = 0
+                self._record(trace, update)
+                yield update.tokens
+                if update.finish_reason is not None:
+                    break
+        finally:
+            self._active -= 1
+            self._queued_prefill -= work
+        self._cluster.prefixes.add(self.rank, request.prompt)
+
+    def _record(self, trace, update: TokenUpdate) -> None:
+        trace.tokens_arrived(len(update.tokens))
+        if update.finish_reason is not None:
+            trace.finish_reason = update.finish_reason
+            info = update.info or {}
+            trace.prefix_matched = max(trace.prefix_matched, info.get("prefix_matched", 0))
+            trace.fallbacks += bool(info.get("fallback"))
