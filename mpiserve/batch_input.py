@@ -1,0 +1,251 @@
+"""Requests read from an OpenAI Batch API input file (JSONL), one item per line.
+
+Each non-blank line becomes exactly one `BatchItem`: a request ready to run, or an error
+whose message names the file, the line and the field at fault. Blank lines are skipped but
+still counted, so line numbers match what an editor shows.
+
+A line looks like::
+
+    {"custom_id": "r1", "method": "POST", "url": "/v1/completions",
+     "body": {"prompt": "Hello", "max_tokens": 32}}
+
+The body follows OpenAI: `prompt` (a string or a list of token ids) for
+`/v1/completions`, `messages` (roles system, user, assistant; content a string or a list
+of text parts) for `/v1/chat/completions`, and the sampling fields `max_tokens`,
+`temperature`, `top_p`, `seed`, `stop`, plus the extensions `top_k` and `ignore_eos`.
+Chat bodies may give `max_completion_tokens` instead of `max_tokens`. A field set to null
+takes its default. `max_tokens` defaults to 16 for completions (as OpenAI) and to 256 for
+chat (OpenAI's "until the context is full" is rarely what a batch job wants); temperature
+defaults to 1.0. Other body fields (`model`, `user`, ...) are ignored, except that `n`
+must be 1.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import InvalidRequestError, MpiserveError
+from .sampling_params import SamplingParams
+
+URL_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class BatchInputError(MpiserveError):
+    """The batch input file itself cannot be read."""
+
+
+class _LineError(Exception):
+    """One line is not a usable request; the message names the field at fault."""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input line: a request (`error` is None) or the reason it cannot run.
+
+    `kind` is "completion" or "chat" (None if the url was not reached or is wrong);
+    `custom_id` is None when it is missing, not a string, or repeats an earlier line's.
+    """
+
+    line_no: int
+    custom_id: str | None = None
+    kind: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams | None = None
+    error: str | None = None
+
+
+def read_batch(path: str | Path) -> Iterator[BatchItem]:
+    """Yield one `BatchItem` per non-blank line of `path`, in file order."""
+    try:
+        file = open(path, "rb")
+    except OSError as err:
+        raise BatchInputError(f"cannot read batch input {path}: {err.strerror}") from err
+    return _items(file, str(path))
+
+
+def _items(file: IO[bytes], source: str) -> Iterator[BatchItem]:
+    seen: dict[str, int] = {}
+    with file:
+        for line_no, raw in enumerate(file, 1):
+            if line_no == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            if raw.strip():
+                yield _item(raw, line_no, source, seen)
+
+
+def _item(raw: bytes, line_no: int, source: str, seen: dict[str, int]) -> BatchItem:
+    fields: dict = {"line_no": line_no}
+    try:
+        request = _decode(raw)
+        fields["custom_id"] = _custom_id(request, line_no, seen)
+        fields["kind"] = _kind(request)
+        fields.update(_body(request, fields["kind"]))
+    except _LineError as err:
+        fields["error"] = f"{source} line {line_no}: {err}"
+    return BatchItem(**fields)
+
+
+def _decode(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise _LineError(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _LineError(f"invalid JSON: {err.msg} at column {err.colno}") from None
+    except (ValueError, RecursionError) as err:  # too long a number, too deep a nesting
+        raise _LineError(f"invalid JSON: {err}") from None
+    if not isinstance(request, dict):
+        raise _LineError(f"must be a JSON object (got {_show(request)})")
+    return request
+
+
+def _custom_id(request: dict, line_no: int, seen: dict[str, int]) -> str:
+    custom_id = _required(request, "custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise _LineError(f"custom_id must be a non-empty string (got {_show(custom_id)})")
+    if custom_id in seen:
+        raise _LineError(f"custom_id {_show(custom_id)} duplicates line {seen[custom_id]}")
+    seen[custom_id] = line_no
+    return custom_id
+
+
+def _kind(request: dict) -> str:
+    method = _required(request, "method")
+    if method != "POST":
+        raise _LineError(f'method must be "POST" (got {_show(method)})')
+    url = _required(request, "url")
+    if not isinstance(url, str) or url not in URL_KINDS:
+        raise _LineError(f"url must be one of {', '.join(URL_KINDS)} (got {_show(url)})")
+    return URL_KINDS[url]
+
+
+def _body(request: dict, kind: str) -> dict:
+    body = _required(request, "body")
+    if not isinstance(body, dict):
+        raise _LineError(f"body must be a JSON object (got {_show(body)})")
+    n = body.get("n")
+    if n is not None and not (_is_int(n) and n == 1):
+        raise _LineError(f"body.n must be 1 (got {_show(n)}); ask for more samples with more lines")
+    if kind == "chat":
+        return {"messages": _messages(body), "params": _params(body, kind)}
+    return {"prompt": _prompt(body), "params": _params(body, kind)}
+
+
+def _prompt(body: dict) -> str | list[int]:
+    prompt = _required(body, "prompt", "body.")
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        for index, token in enumerate(prompt):
+            if not (_is_int(token) and token >= 0):
+                raise _LineError(f"body.prompt[{index}] must be a token id, an integer >= 0 "
+                                 f"(got {_show(token)})")
+        return prompt
+    raise _LineError(
+        f"body.prompt must be a non-empty string or list of token ids (got {_show(prompt)})")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = _required(body, "messages", "body.")
+    if not isinstance(messages, list) or not messages:
+        raise _LineError(f"body.messages must be a non-empty array (got {_show(messages)})")
+    return [_message(message, f"body.messages[{i}]") for i, message in enumerate(messages)]
+
+
+def _message(message, where: str) -> dict:
+    if not isinstance(message, dict):
+        raise _LineError(f"{where} must be an object (got {_show(message)})")
+    role = message.get("role")
+    if role not in CHAT_ROLES:
+        raise _LineError(f"{where}.role must be one of {', '.join(CHAT_ROLES)} (got {_show(role)})")
+    return {"role": role, "content": _content(message.get("content"), f"{where}.content")}
+
+
+def _content(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(_is_text_part(part) for part in content):
+        return "\n".join(part["text"] for part in content)
+    raise _LineError(
+        f'{where} must be a string or a list of {{"type": "text", "text": ...}} parts '
+        f"(got {_show(content)})")
+
+
+def _is_text_part(part) -> bool:
+    return (isinstance(part, dict) and part.get("type") == "text"
+            and isinstance(part.get("text"), str))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_stop(value) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(s, str) for s in value))
+
+
+# SamplingParams field: (what the body must hold, check)
+_SAMPLING_FIELDS = {
+    "max_tokens": ("an integer", _is_int),
+    "temperature": ("a finite number", _is_number),
+    "top_p": ("a finite number", _is_number),
+    "top_k": ("an integer", _is_int),
+    "seed": ("an integer", _is_int),
+    "stop": ("a string or a list of strings", _is_stop),
+    "ignore_eos": ("true or false", lambda value: isinstance(value, bool)),
+}
+
+
+def _params(body: dict, kind: str) -> SamplingParams:
+    keys = {name: name for name in _SAMPLING_FIELDS}
+    if kind == "chat" and body.get("max_completion_tokens") is not None:
+        if body.get("max_tokens") is not None:
+            raise _LineError("give body.max_tokens or body.max_completion_tokens, not both")
+        keys["max_tokens"] = "max_completion_tokens"
+    values = {"max_tokens": DEFAULT_MAX_TOKENS[kind]}
+    for name, (expected, ok) in _SAMPLING_FIELDS.items():
+        value = body.get(keys[name])
+        if value is None:
+            continue
+        if not ok(value):
+            raise _LineError(f"body.{keys[name]} must be {expected} (got {_show(value)})")
+        values[name] = value
+    try:
+        return SamplingParams(**values)
+    except InvalidRequestError as err:
+        message = re.sub(r"^SamplingParams\.(\w+)", lambda m: f"body.{keys[m[1]]}", str(err))
+        raise _LineError(message) from None
+
+
+def _required(obj: dict, key: str, prefix: str = ""):
+    value = obj.get(key)
+    if value is None:
+        raise _LineError(f"{prefix}{key} is missing")
+    return value
+
+
+def _show(value) -> str:
+    """A short JSON rendering of a value for an error message."""
+    if isinstance(value, (dict, list)) and value:
+        return "an object" if isinstance(value, dict) else "an array"
+    if isinstance(value, str) and len(value) > 40:
+        return json.dumps(value[:37] + "...")
+    return json.dumps(value)

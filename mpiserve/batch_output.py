@@ -1,0 +1,193 @@
+"""Results written to an OpenAI Batch API output file (JSONL), one record per input line.
+
+Records follow OpenAI's batch output format. Extensions: a completion's
+`choices[0].token_ids` (the generated token ids) and its `metrics`; an error record's
+`error.line` (the input line it answers).
+
+`BatchOutput` appends records one whole line at a time, so a run killed at any point
+leaves at most a torn last line, which the next run cuts off before it resumes. A run
+knows what is already done from `done_ids` (custom_ids with a record) and `done_lines`
+(input lines answered by a record without a custom_id). An exclusive `flock` on the
+sidecar `<output>.lock` makes a second run pointed at the same output refuse to start;
+the lock file stays behind on purpose (removing it would let two runs lock different
+files).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .batch_input import BatchItem
+from .errors import MpiserveError
+
+FINISH_REASONS = ("stop", "length")
+
+
+class BatchOutputError(MpiserveError):
+    """The output file is in use by another run, or cannot be appended to safely."""
+
+
+def completion_record(item: BatchItem, request_id, token_ids, text: str, finish_reason: str,
+                      prompt_tokens: int, metrics: dict, model: str) -> dict:
+    """The record of a request that ran to completion."""
+    if finish_reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {finish_reason!r}")
+    if item.kind == "chat":
+        prefix, kind = "chatcmpl", "chat.completion"
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    else:
+        prefix, kind = "cmpl", "text_completion"
+        choice = {"index": 0, "text": text}
+    choice.update(logprobs=None, finish_reason=finish_reason, token_ids=list(token_ids))
+    body = {
+        "id": f"{prefix}-{request_id}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(choice["token_ids"]),
+            "total_tokens": prompt_tokens + len(choice["token_ids"]),
+        },
+        "metrics": dict(metrics),
+    }
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": item.custom_id,
+        "response": {"status_code": 200, "request_id": str(request_id), "body": body},
+        "error": None,
+    }
+
+
+def error_record(item_or_custom_id: BatchItem | str | None, message: str,
+                 code: str = "invalid_request") -> dict:
+    """The record of a request that failed: status 400 for "invalid_request", else 500.
+
+    Given a `BatchItem`, the record carries its input line as `error.line`. A record
+    without a custom_id (the line had none usable) has no `response`.
+    """
+    if isinstance(item_or_custom_id, BatchItem):
+        custom_id, line = item_or_custom_id.custom_id, item_or_custom_id.line_no
+    else:
+        custom_id, line = item_or_custom_id, None
+    request_id = uuid.uuid4().hex
+    error = {"code": code, "message": message}
+    if line is not None:
+        error["line"] = line
+    response = None
+    if custom_id is not None:
+        client_fault = code == "invalid_request"
+        response = {
+            "status_code": 400 if client_fault else 500,
+            "request_id": request_id,
+            "body": {"error": {
+                "message": message,
+                "type": "invalid_request_error" if client_fault else "server_error",
+                "param": None,
+                "code": code,
+            }},
+        }
+    return {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response,
+            "error": error}
+
+
+class BatchOutput:
+    """The output JSONL of one run, locked against other runs and opened for appending."""
+
+    def __init__(self, path: str | Path, fsync: bool = False):
+        self.path = Path(path)
+        self.done_ids: set[str] = set()
+        self.done_lines: set[int] = set()
+        self._fsync = fsync
+        self._lock = _lock(self.path)
+        try:
+            good_bytes = self._scan()
+            self._file = open(self.path, "ab")
+            self._file.truncate(good_bytes)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def is_done(self, item: BatchItem) -> bool:
+        """Whether the output already answers this input line."""
+        if item.custom_id is None:
+            return item.line_no in self.done_lines
+        return item.custom_id in self.done_ids
+
+    def write(self, record: dict) -> None:
+        """Append one record as one whole line and flush it (and fsync if asked)."""
+        self._file.write(json.dumps(record).encode() + b"\n")
+        self._file.flush()
+        if self._fsync:
+            os.fsync(self._file.fileno())
+        self._remember(record)
+
+    def close(self) -> None:
+        self._file.close()
+        self._lock.close()
+
+    def __enter__(self) -> BatchOutput:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _scan(self) -> int:
+        """Read the records already written; return the size of the intact part."""
+        good_bytes = 0
+        if not self.path.exists():
+            return good_bytes
+        with open(self.path, "rb") as file:
+            for line_no, raw in enumerate(file, 1):
+                record = _parse_record(raw)
+                if record is None:
+                    if file.read(1):
+                        raise BatchOutputError(
+                            f"{self.path} line {line_no} is not a JSON record and is not the "
+                            "last line; refusing to append to a corrupted output")
+                    break
+                self._remember(record)
+                good_bytes += len(raw)
+        return good_bytes
+
+    def _remember(self, record: dict) -> None:
+        if record.get("custom_id") is not None:
+            self.done_ids.add(record["custom_id"])
+        elif isinstance(record.get("error"), dict) and "line" in record["error"]:
+            self.done_lines.add(record["error"]["line"])
+
+
+def _parse_record(raw: bytes) -> dict | None:
+    """The record on one line, or None if the line is torn or not a JSON object."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _lock(path: Path):
+    """Hold an exclusive lock on `<path>.lock` for as long as the returned file is open."""
+    lock_path = f"{path}.lock"
+    handle = open(lock_path, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise BatchOutputError(
+            f"{path} is being written by another run (it holds {lock_path}); "
+            "wait for it to finish or choose another output") from None
+    except OSError as err:
+        handle.close()
+        raise BatchOutputError(
+            f"cannot lock {lock_path} for output {path}: {err.strerror} "
+            "(the file system may not support flock)") from err
+    return handle
