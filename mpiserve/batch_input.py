@@ -73,6 +73,12 @@ def read_batch(path: str | Path) -> Iterator[BatchItem]:
     return _items(file, str(path))
 
 
+def count_records(path: str | Path) -> int:
+    """How many records (non-blank lines) `path` holds, for progress and ETA."""
+    with open(path, "rb") as file:
+        return sum(1 for raw in file if raw.strip())
+
+
 def _items(file: IO[bytes], source: str) -> Iterator[BatchItem]:
     seen: dict[str, int] = {}
     with file:

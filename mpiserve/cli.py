@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="KEY=VALUE", help="option for the router (cluster.args)")
     run.add_argument("--max-inflight", type=int, default=256,
                      help="requests the router works on at once")
+    run.add_argument("--drain-timeout", type=float, default=60.0,
+                     help="after SIGTERM/SIGINT, seconds to let requests in flight finish")
     run.add_argument("--transfer-timeout", type=float, default=60.0,
                      help="seconds before a KV transfer is given up (the request recomputes)")
     run.add_argument("--heartbeat-timeout", type=float, default=120.0,
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
             return run_job(JobOptions(
                 input=args.input, output=args.output, router=args.router,
                 router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,
-                max_inflight=args.max_inflight, transfer_timeout_s=args.transfer_timeout,
+                max_inflight=args.max_inflight, drain_timeout_s=args.drain_timeout,
+                transfer_timeout_s=args.transfer_timeout,
                 heartbeat_timeout_s=args.heartbeat_timeout, fail_transfers=args.fail_transfers,
                 engine=engine_config(args)))
     except MpiserveError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 import traceback
@@ -13,7 +14,8 @@ from .cluster.layout import ROUTER_RANK, JobLayout
 from .engine_config import EngineConfig
 from .errors import MpiserveError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class JobOptions:
     prefill: int | None = None
     decode: int | None = None
     max_inflight: int = 256
+    drain_timeout_s: float = 60.0
+    dashboard: str = "auto"
+    run_dir: str | None = None
     transfer_timeout_s: float = 60.0
     heartbeat_timeout_s: float = 120.0
     fail_transfers: int = 0
@@ -80,6 +85,8 @@ def _prepare_router(options: JobOptions):
 def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
     from .cluster.engine_worker import EngineWorker, WorkerOptions
     from .engine import Engine
+    for sig in STOP_SIGNALS:               # rank 0 decides how the job stops
+        signal.signal(sig, signal.SIG_IGN)
     worker = None
     try:
         engine = Engine(options.engine)
@@ -129,6 +136,11 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
         return EXIT_FAILED
     output.close()
     _close_data_plane()
+    if tally.interrupted:
+        say(f"stopped by a signal: {tally.completed} completed, {tally.failed} errors written, "
+            f"{tally.abandoned} in flight dropped; run the same command again to resume "
+            f"(exit {EXIT_STOPPED})")
+        return EXIT_STOPPED
     say(f"done: {tally.completed} completed, {tally.failed} errors, {tally.skipped} already "
         f"in {options.output}; {tally.generated_tokens} tokens in "
         f"{time.monotonic() - tally.started:.1f} s")
@@ -138,6 +150,7 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
 async def _serve(comm, layout, options, route, items, model_dir, config, tokenizer, output):
     from .cluster.control import ControlChannel
     from .cluster.messages import Shutdown
+    from .batch_input import count_records
     from .router.batch_runner import BatchRunner, ModelLimits
     from .router.cluster import Cluster
     from .router.dispatcher import Dispatcher
@@ -149,14 +162,18 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     limits = ModelLimits(name, config.vocab_size,
                          options.engine.max_model_len or config.max_position_embeddings)
     runner = BatchRunner(cluster, route, options.router, tokenizer, limits, output,
-                         options.max_inflight)
+                         options.max_inflight, options.drain_timeout_s)
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, runner.stop)
     stop = asyncio.Event()
     pump = asyncio.create_task(dispatcher.pump(stop))
     try:
-        tally = await runner.run(items)
+        tally = await runner.run(items, total=count_records(options.input))
     finally:
         stop.set()
         await pump
     control.broadcast(layout.engine_ranks, Shutdown())
+    await dispatcher.collect_final_stats()
     control.flush()
     return tally

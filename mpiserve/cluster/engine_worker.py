@@ -3,6 +3,7 @@ stream tokens to the router and move KV pages to and from other engines."""
 
 from __future__ import annotations
 
+import socket
 import time
 import traceback
 from collections import deque
@@ -47,6 +48,8 @@ class EngineWorker:
         self.counters = {"kv_bytes_sent": 0, "kv_bytes_received": 0, "transfers_failed": 0,
                          "fallbacks": 0, "requests_done": 0}
         self.stopping = False
+        self.host = socket.gethostname()
+        self.busy_s = 0.0                                # time spent in engine steps
         self._next_stats = 0.0
 
     # ---- main loop --------------------------------------------------------------------------
@@ -57,7 +60,9 @@ class EngineWorker:
             busy |= self._retry_reservations()
             busy |= self._poll_transfers()
             if self.engine.has_work:
+                started = time.monotonic()
                 self._step()
+                self.busy_s += time.monotonic() - started
                 busy = True
             self._report_stats()
             if busy:
@@ -285,7 +290,7 @@ class EngineWorker:
 
     def stats(self) -> dict:
         engine, pool = self.engine, self.engine.pool
-        return {"role": self.role, "running": len(engine.scheduler.running),
+        return {"role": self.role, "host": self.host, "busy_s": self.busy_s, "running": len(engine.scheduler.running),
                 "waiting": len(engine.scheduler.waiting), "pages_used": pool.num_used,
                 "pages_total": pool.num_pages, "prefix_hit_tokens": pool.hit_tokens,
                 "prefix_query_tokens": pool.queried_tokens,
@@ -299,9 +304,5 @@ class EngineWorker:
         while self.sending and time.monotonic() < deadline:
             self._poll_transfers()
             time.sleep(0.005)
-        self._report_stats_now()
+        self._reply(StatsSnapshot(self.rank, {**self.stats(), "final": True}))
         self.control.flush()
-
-    def _report_stats_now(self) -> None:
-        self._next_stats = 0.0
-        self._report_stats()

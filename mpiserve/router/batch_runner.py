@@ -19,13 +19,21 @@ from .dispatcher import EngineFailure
 
 @dataclass
 class BatchTally:
-    total: int = 0
+    total: int = 0              # records in the input
+    seen: int = 0               # records read so far
     skipped: int = 0            # already in the output from an earlier run
     completed: int = 0
     failed: int = 0
+    abandoned: int = 0          # in flight when a stop's drain time ran out (not written)
+    interrupted: bool = False   # admission stopped by a signal
     generated_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
     latencies: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> int:
+        return self.seen - self.skipped - self.completed - self.failed - self.abandoned
 
 
 @dataclass(frozen=True)
@@ -37,29 +45,68 @@ class ModelLimits:
 
 class BatchRunner:
     def __init__(self, cluster: Cluster, route, router_name: str, tokenizer: Tokenizer,
-                 limits: ModelLimits, output: BatchOutput, max_inflight: int):
+                 limits: ModelLimits, output: BatchOutput, max_inflight: int,
+                 drain_timeout_s: float = 60.0):
         self.cluster, self.route, self.router_name = cluster, route, router_name
         self.tokenizer, self.limits, self.output = tokenizer, limits, output
         self.max_inflight = max_inflight
+        self.drain_timeout_s = drain_timeout_s
         self.tally = BatchTally()
+        self.stopping = asyncio.Event()      # set by SIGTERM/SIGINT: admit nothing more
 
-    async def run(self, items) -> BatchTally:
+    def stop(self) -> None:
+        self.tally.interrupted = True
+        self.stopping.set()
+
+    async def run(self, items, total: int = 0) -> BatchTally:
+        self.tally.total = total
         slots = asyncio.Semaphore(self.max_inflight)
         tasks = set()
         for item in items:
-            self.tally.total += 1
+            if self.stopping.is_set():
+                break
+            self.tally.seen += 1
             if self.output.is_done(item):
                 self.tally.skipped += 1
                 continue
             request = self._request_or_error(item)
             if request is None:
                 continue
-            await slots.acquire()
+            if not await self._take_slot(slots):
+                self.tally.seen -= 1
+                break
             task = asyncio.create_task(self._serve(item, request))
             tasks.add(task)
             task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
-        await asyncio.gather(*tasks)
+        await self._finish(set(tasks))
         return self.tally
+
+    async def _take_slot(self, slots: asyncio.Semaphore) -> bool:
+        """Wait for a free slot or a stop; True if a slot was taken."""
+        take = asyncio.ensure_future(slots.acquire())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({take, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if take.done() and not take.cancelled() and not self.stopping.is_set():
+            return True
+        if take.done() and not take.cancelled():
+            slots.release()
+        take.cancel()
+        return False
+
+    async def _finish(self, tasks: set) -> None:
+        """Wait for the requests in flight; after a stop, for at most the drain time."""
+        everything = asyncio.gather(*tasks)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({everything, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if everything.done():
+            everything.result()                      # re-raise an engine failure
+            return
+        try:
+            await asyncio.wait_for(everything, self.drain_timeout_s)
+        except asyncio.TimeoutError:
+            self.tally.abandoned = sum(not t.done() or t.cancelled() for t in tasks)
 
     def _request_or_error(self, item: BatchItem) -> Request | None:
         if item.error is not None:
@@ -128,3 +175,4 @@ class BatchRunner:
     def _write_error(self, item: BatchItem, message: str, code: str = "invalid_request") -> None:
         self.output.write(error_record(item, message, code))
         self.tally.failed += 1
+        self.tally.errors.append(message.splitlines()[0] if message else code)

@@ -74,6 +74,16 @@ class Dispatcher:
             else:
                 await backoff.sleep_async()
 
+    async def collect_final_stats(self, timeout_s: float = 5.0) -> None:
+        """After Shutdown: take messages until every engine sent its final stats (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        backoff = Backoff()
+        while time.monotonic() < deadline and not all(
+                self.stats.get(rank, {}).get("final") for rank in self.engine_ranks):
+            for source, message in self.control.receive_all():
+                self._deliver(source, message)
+            await backoff.sleep_async()
+
     def _deliver(self, source: int, message) -> None:
         if isinstance(message, Reply):
             future = self._futures.pop(message.call_id)

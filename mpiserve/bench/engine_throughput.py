@@ -1,0 +1,358 @@
+"""Offline throughput: mpiserve's engine against transformers' batched ``generate`` (issue 2).
+
+    python -m mpiserve.bench.engine_throughput [--quick] [--out results]
+
+Builds a seeded random Llama-shaped checkpoint (about 30M parameters, float32) with
+transformers, plus the demo model's tokenizer, in a temporary directory. Both sides then
+generate greedily, eos ignored, for the same seeded prompts of token ids with mixed prompt
+lengths and mixed ``max_tokens``, on one torch thread:
+
+* mpiserve: one ``LLM.generate`` call over all prompts (loading is not timed);
+* transformers: ``generate`` in batches of prompts sorted by length (left padding, attention
+  mask, ``max_new_tokens`` = the largest ``max_tokens`` of the batch, no eos token), for each
+  batch size tried; the fastest batch size is reported.
+
+Both sides are credited the same tokens: each request's own ``max_tokens`` (tokens transformers
+generates past a request's ``max_tokens`` only because a batch-mate asked for more are not
+counted). On the way, the first prompts' mpiserve outputs are compared with transformers'
+unpadded single-prompt greedy outputs. Writes ``engine_throughput.json`` and
+``engine_throughput.md`` to the output directory. ``--quick`` runs a tiny model and workload
+(a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SEED = 20250102
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FIRST_TOKEN_ID = 5                 # prompt ids are drawn from [5, tokenizer vocab): no specials
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama architecture; ``config()`` gives the transformers LlamaConfig arguments."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+
+    def describe(self) -> str:
+        return (f"vocab {self.vocab_size}, hidden {self.hidden_size}, "
+                f"{self.num_hidden_layers} layers, {self.num_attention_heads} heads / "
+                f"{self.num_key_value_heads} kv heads of "
+                f"{self.hidden_size // self.num_attention_heads}, intermediate "
+                f"{self.intermediate_size}, untied embeddings")
+
+    def config(self) -> dict:
+        # eos_token_id=None: generation never stops early, so transformers runs every batch to
+        # max_new_tokens without min_new_tokens (which would mask the eos logit and could
+        # change greedy choices); mpiserve runs with ignore_eos.
+        return {**asdict(self), "head_dim": self.hidden_size // self.num_attention_heads,
+                "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+                "bos_token_id": 0, "eos_token_id": None, "pad_token_id": PAD_ID}
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_prompts: int
+    prompt_lens: tuple[int, int]       # uniform, inclusive
+    max_tokens: tuple[int, int]        # uniform, inclusive
+    batch_sizes: tuple[int, ...]       # transformers batch sizes tried
+    check_prompts: int                 # first prompts compared with unpadded transformers
+
+
+FULL = (Shape(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=7,
+              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+        Workload(num_prompts=64, prompt_lens=(64, 1024), max_tokens=(16, 256),
+                 batch_sizes=(8, 16), check_prompts=4))
+QUICK = (Shape(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+         Workload(num_prompts=8, prompt_lens=(16, 64), max_tokens=(4, 16), batch_sizes=(4, 8),
+                  check_prompts=4))
+# KV budget large enough that the whole workload fits without preemption (transformers holds
+# the KV of its whole batch too); the page size and batching settings are the defaults.
+ENGINE_OPTIONS = {"kv_cache_gib": 2.0, "max_num_seqs": 64, "max_batch_tokens": 1024,
+                  "page_size": 16, "torch_threads": 1, "device": "cpu"}
+
+
+# ---- the model and the workload ---------------------------------------------------------------
+def build_model(directory: Path, shape: Shape) -> int:
+    """Save a seeded random LlamaForCausalLM and the demo tokenizer; returns the parameter count."""
+    import transformers
+
+    from mpiserve.demo_model import demo_model_dir
+    from mpiserve.tokenizer import Tokenizer
+
+    torch.manual_seed(SEED)
+    config = transformers.LlamaConfig(**shape.config())
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        shutil.copy(demo_model_dir() / name, directory / name)
+    tokenizer_vocab = Tokenizer.from_dir(directory).vocab_size
+    if tokenizer_vocab > shape.vocab_size:
+        raise SystemExit(f"the tokenizer's vocabulary ({tokenizer_vocab}) exceeds the model's "
+                         f"({shape.vocab_size})")
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_workload(w: Workload, tokenizer_vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(SEED)
+    lengths = [rng.randint(*w.prompt_lens) for _ in range(w.num_prompts)]
+    max_tokens = [rng.randint(*w.max_tokens) for _ in range(w.num_prompts)]
+    prompts = [[rng.randrange(FIRST_TOKEN_ID, tokenizer_vocab) for _ in range(n)] for n in lengths]
+    return prompts, max_tokens
+
+
+# ---- mpiserve ---------------------------------------------------------------------------------
+def run_mpiserve(model_dir: Path, prompts, max_tokens) -> dict:
+    from mpiserve import LLM, SamplingParams
+
+    llm = LLM(str(model_dir), **ENGINE_OPTIONS)
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
+    llm.generate([prompts[0][:32]], SamplingParams(max_tokens=4, temperature=0.0,
+                                                   ignore_eos=True), progress=False)   # warm-up
+    llm.engine.tokens_computed = {"prefill": 0, "decode": 0}
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, progress=False)
+    seconds = time.perf_counter() - start
+    errors = [o.error for o in outputs if o.error]
+    if errors:
+        raise SystemExit(f"mpiserve refused requests: {errors[:3]}")
+    generated = sum(len(o.token_ids) for o in outputs)
+    return {"seconds": seconds, "generated_tokens": generated,
+            "outputs": [o.token_ids for o in outputs],
+            "all_full_length": all(len(o.token_ids) == m for o, m in zip(outputs, max_tokens)),
+            "preemptions": llm.engine.scheduler.num_preemptions,
+            "tokens_computed": dict(llm.engine.tokens_computed)}
+
+
+# ---- transformers -----------------------------------------------------------------------------
+def load_transformers(model_dir: Path):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy batched generate with left padding; returns each row's new tokens (all of them)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=None,
+                             pad_token_id=PAD_ID)
+    return out[:, width:].tolist()
+
+
+def run_transformers(model, prompts, max_tokens, batch_size: int) -> dict:
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    generate_batch(model, [prompts[0][:32]], 4)                                       # warm-up
+    seconds, computed, padding, full_length = 0.0, 0, 0, True
+    for number, batch in enumerate(batches):
+        new = max(max_tokens[i] for i in batch)
+        start = time.perf_counter()
+        rows = generate_batch(model, [prompts[i] for i in batch], new)
+        elapsed = time.perf_counter() - start
+        seconds += elapsed
+        full_length &= all(len(r) == new for r in rows)
+        computed += len(batch) * new
+        padding += len(batch) * max(len(prompts[i]) for i in batch) \
+            - sum(len(prompts[i]) for i in batch)
+        print(f"  transformers batch size {batch_size}: batch {number + 1}/{len(batches)} "
+              f"({len(batch)} prompts, max_new_tokens {new}) {elapsed:.1f} s", flush=True)
+    useful = sum(max_tokens)
+    return {"batch_size": batch_size, "seconds": seconds, "generated_tokens": useful,
+            "tokens_per_s": useful / seconds, "computed_new_tokens": computed,
+            "padding_prompt_tokens": padding, "all_full_length": full_length}
+
+
+def check_outputs(model, prompts, max_tokens, mpiserve_outputs, count: int) -> list[dict]:
+    """mpiserve's (batched) outputs of the first prompts against unpadded single-prompt greedy."""
+    results = []
+    for i in range(min(count, len(prompts))):
+        expected = generate_batch(model, [prompts[i]], max_tokens[i])[0]
+        got = mpiserve_outputs[i]
+        first_diff = next((k for k, (a, b) in enumerate(zip(got, expected)) if a != b),
+                          None if len(got) == len(expected) else min(len(got), len(expected)))
+        results.append({"prompt": i, "prompt_len": len(prompts[i]), "max_tokens": max_tokens[i],
+                        "match": got == expected, "first_mismatch": first_diff})
+        print(f"  check prompt {i} ({len(prompts[i])} tokens, {max_tokens[i]} new): "
+              + ("identical" if got == expected else f"DIFFERS from token {first_diff}"),
+              flush=True)
+    return results
+
+
+# ---- report -------------------------------------------------------------------------------------
+def markdown(r: dict) -> str:
+    tf = r["transformers_runs"]
+    best = r["transformers_batch_size"]
+    checks = r["correctness"]
+    matched = sum(c["match"] for c in checks)
+    lines = [
+        "# Offline engine throughput: mpiserve vs transformers",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Model: random Llama ({r['params']:,} parameters; {r['model_description']}), float32, CPU, "
+        f"{r['torch_threads']} torch thread. torch {r['torch_version']}, transformers "
+        f"{r['transformers_version']}, {r['machine']}.",
+        "",
+        f"Workload: {r['prompts']} prompts of random token ids, prompt lengths uniform "
+        f"{r['prompt_lens'][0]}-{r['prompt_lens'][1]} ({r['prompt_tokens']:,} prompt tokens), "
+        f"max_tokens uniform {r['max_tokens_range'][0]}-{r['max_tokens_range'][1]}, greedy, "
+        f"eos ignored; {r['total_generated_tokens']:,} generated tokens credited to each side "
+        "(each request's own max_tokens). Seeded: same prompts every run.",
+        "",
+        "| system | setting | seconds | tokens/s |",
+        "|---|---|---:|---:|",
+        f"| mpiserve | one `LLM.generate` over all {r['prompts']} prompts; "
+        + ", ".join(f"{k}={v}" for k, v in r["mpiserve_options"].items())
+        + f" | {r['mpiserve_seconds']:.2f} | "
+        f"{r['mpiserve_tokens_per_s']:.1f} |",
+    ]
+    for run in tf:
+        mark = " (best)" if run["batch_size"] == best else ""
+        lines.append(
+            f"| transformers | `generate`, batch size {run['batch_size']}{mark}, prompts sorted "
+            f"by length into batches, left padding, max_new_tokens = batch max | "
+            f"{run['seconds']:.2f} | {run['tokens_per_s']:.1f} |")
+    lines += [
+        "",
+        f"**Ratio (mpiserve / best transformers): {r['ratio']:.2f}x** (target of issue 2: "
+        ">= 2x).",
+        "",
+        f"transformers at batch size {best} computed {r['transformers_computed_new_tokens']:,} "
+        f"new tokens for the {r['total_generated_tokens']:,} credited, plus "
+        f"{r['transformers_padding_prompt_tokens']:,} padding prompt tokens. mpiserve: "
+        f"{r['mpiserve_preemptions']} preemptions.",
+        "",
+        f"Correctness: mpiserve's outputs for the first {len(checks)} prompts (from the timed "
+        f"batched run) equal transformers' unpadded single-prompt greedy output for "
+        f"{matched}/{len(checks)}: "
+        + ", ".join(f"prompt {c['prompt']} "
+                    + ("identical" if c["match"] else f"differs from token {c['first_mismatch']}")
+                    for c in checks) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model and workload: a smoke test, not a measurement")
+    parser.add_argument("--out", default="results", help="output directory")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    shape, workload = QUICK if args.quick else FULL
+    command = " ".join(["python -m mpiserve.bench.engine_throughput",
+                        *(sys.argv[1:] if argv is None else argv)])
+
+    import transformers
+
+    from mpiserve.tokenizer import Tokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="mpiserve-bench-") as tmp:
+        model_dir = Path(tmp)
+        params = build_model(model_dir, shape)
+        print(f"model: {params:,} parameters ({shape.describe()})", flush=True)
+        prompts, max_tokens = make_workload(workload, Tokenizer.from_dir(model_dir).vocab_size)
+        total = sum(max_tokens)
+        print(f"workload: {len(prompts)} prompts, {sum(map(len, prompts)):,} prompt tokens, "
+              f"{total:,} tokens to generate", flush=True)
+
+        print("mpiserve ...", flush=True)
+        ours = run_mpiserve(model_dir, prompts, max_tokens)
+        print(f"  mpiserve: {ours['seconds']:.1f} s, {total / ours['seconds']:.1f} tokens/s",
+              flush=True)
+        if ours["generated_tokens"] != total or not ours["all_full_length"]:
+            print(f"  WARNING: mpiserve generated {ours['generated_tokens']} tokens, "
+                  f"expected {total}", flush=True)
+
+        model = load_transformers(model_dir)
+        runs = []
+        for batch_size in workload.batch_sizes:
+            print(f"transformers, batch size {batch_size} ...", flush=True)
+            runs.append(run_transformers(model, prompts, max_tokens, batch_size))
+            print(f"  transformers batch size {batch_size}: {runs[-1]['seconds']:.1f} s, "
+                  f"{runs[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+        best = max(runs, key=lambda run: run["tokens_per_s"])
+        print("correctness check ...", flush=True)
+        checks = check_outputs(model, prompts, max_tokens, ours["outputs"],
+                               workload.check_prompts)
+
+    ours_tps = total / ours["seconds"]
+    result = {
+        "mpiserve_tokens_per_s": round(ours_tps, 2),
+        "transformers_tokens_per_s": round(best["tokens_per_s"], 2),
+        "ratio": round(ours_tps / best["tokens_per_s"], 3),
+        "params": params,
+        "prompts": len(prompts),
+        "total_generated_tokens": total,
+        "mpiserve_seconds": round(ours["seconds"], 3),
+        "transformers_seconds": round(best["seconds"], 3),
+        "transformers_batch_size": best["batch_size"],
+        "torch_threads": torch.get_num_threads(),
+        "command": command,
+        "quick": args.quick,
+        "model_shape": shape.config() | {"dtype": "float32"},
+        "model_description": shape.describe(),
+        "prompt_tokens": sum(map(len, prompts)),
+        "prompt_lens": list(workload.prompt_lens),
+        "max_tokens_range": list(workload.max_tokens),
+        "seed": SEED,
+        "mpiserve_options": ENGINE_OPTIONS,
+        "mpiserve_generated_tokens": ours["generated_tokens"],
+        "mpiserve_all_full_length": ours["all_full_length"],
+        "mpiserve_preemptions": ours["preemptions"],
+        "mpiserve_tokens_computed": ours["tokens_computed"],
+        "transformers_batching": "prompts sorted by length, then split into batches; left "
+                                 "padding; max_new_tokens = largest max_tokens of the batch",
+        "transformers_computed_new_tokens": best["computed_new_tokens"],
+        "transformers_padding_prompt_tokens": best["padding_prompt_tokens"],
+        "transformers_all_full_length": all(run["all_full_length"] for run in runs),
+        "transformers_runs": [{k: (round(v, 3) if isinstance(v, float) else v)
+                               for k, v in run.items()} for run in runs],
+        "correctness": checks,
+        "correctness_all_match": all(c["match"] for c in checks),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.system()}",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "engine_throughput.md").write_text(markdown(result))
+    print(f"mpiserve {result['mpiserve_tokens_per_s']:.1f} tokens/s, transformers "
+          f"{result['transformers_tokens_per_s']:.1f} tokens/s (batch size "
+          f"{best['batch_size']}), ratio {result['ratio']:.2f}")
+    print(f"wrote {out / 'engine_throughput.json'} and {out / 'engine_throughput.md'}")
+
+
+if __name__ == "__main__":
+    main()

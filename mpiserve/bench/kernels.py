@@ -1,0 +1,161 @@
+"""Time the torch references against the numba kernels of ``mpiserve.kernels``.
+
+    python -m mpiserve.bench.kernels [--out results]
+
+One torch thread, single-threaded numba. Each timing is the median of repeats after a
+warm-up. Writes ``kernels.json`` (one row per case) and ``kernels.md`` (a table and the
+command) to the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numba
+import torch
+
+from mpiserve.kernels import (
+    pack_slots_numba,
+    pack_slots_reference,
+    paged_decode_attention_numba,
+    paged_decode_attention_reference,
+    unpack_slots_numba,
+    unpack_slots_reference,
+)
+
+PAGE_SIZE = 16
+DECODE_BATCHES = (1, 8, 32)
+DECODE_CONTEXTS = (128, 512, 2048)
+DECODE_HEADS = ((8, 4), (8, 2))  # (query heads, kv heads), head_dim 64
+PACK_TOKENS = (64, 256, 1024, 2048)
+PACK_SHAPE = (8, 128)  # kv heads, head_dim of one Llama-3-8B layer
+PACK_POOL_PAGES = 1024
+
+
+def time_us(fn, args: tuple, min_seconds: float = 0.2, min_repeats: int = 5) -> float:
+    """Median wall time of ``fn(*args)`` in microseconds, after warm-up calls."""
+    for _ in range(3):
+        fn(*args)
+    samples: list[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while len(samples) < min_repeats or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn(*args)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+def row(kernel: str, shape: dict, reference, numba_fn, args: tuple) -> dict:
+    reference_us, numba_us = time_us(reference, args), time_us(numba_fn, args)
+    return {"kernel": kernel, **shape, "reference_us": round(reference_us, 1),
+            "numba_us": round(numba_us, 1), "speedup": round(reference_us / numba_us, 2)}
+
+
+def decode_rows() -> list[dict]:
+    rows = []
+    for heads, kv_heads in DECODE_HEADS:
+        for batch in DECODE_BATCHES:
+            for context in DECODE_CONTEXTS:
+                args = decode_inputs(batch, context, heads, kv_heads, head_dim=64)
+                shape = {"batch": batch, "context": context, "heads": heads,
+                         "kv_heads": kv_heads, "head_dim": 64, "page_size": PAGE_SIZE,
+                         "dtype": "float32"}
+                rows.append(row("decode_attention", shape, paged_decode_attention_reference,
+                                paged_decode_attention_numba, args))
+                print_row(rows[-1])
+    return rows
+
+
+def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int):
+    """Random float32 inputs; every sequence holds ``context`` tokens on shuffled pages."""
+    pages_per_seq = -(-context // PAGE_SIZE)
+    num_pages = batch * pages_per_seq
+    kv = torch.randn(2, num_pages, PAGE_SIZE, kv_heads, head_dim)
+    page_table = torch.randperm(num_pages).view(batch, pages_per_seq).to(torch.int32)
+    context_lens = torch.full((batch,), context, dtype=torch.int32)
+    q = torch.randn(batch, heads, head_dim)
+    return q, kv, page_table, context_lens, head_dim ** -0.5
+
+
+def pack_rows() -> list[dict]:
+    rows = []
+    kv_heads, head_dim = PACK_SHAPE
+    for dtype in (torch.float32, torch.bfloat16):
+        kv = torch.randn(2, PACK_POOL_PAGES, PAGE_SIZE, kv_heads, head_dim).to(dtype)
+        for layout in ("whole pages", "scattered"):
+            for tokens in PACK_TOKENS:
+                slots = pick_slots(tokens, layout)
+                buf = pack_slots_reference(kv, slots)
+                shape = {"tokens": tokens, "slots": layout, "kv_heads": kv_heads,
+                         "head_dim": head_dim, "page_size": PAGE_SIZE,
+                         "dtype": str(dtype).removeprefix("torch.")}
+                rows.append(row("pack_slots", shape, pack_slots_reference, pack_slots_numba,
+                                (kv, slots)))
+                print_row(rows[-1])
+                rows.append(row("unpack_slots", shape, unpack_slots_reference,
+                                unpack_slots_numba, (kv, slots, buf)))
+                print_row(rows[-1])
+    return rows
+
+
+def pick_slots(tokens: int, layout: str) -> torch.Tensor:
+    """``tokens`` slots of the pool: whole pages in shuffled order, or random single slots."""
+    if layout == "scattered":
+        return torch.randperm(PACK_POOL_PAGES * PAGE_SIZE)[:tokens]
+    pages = torch.randperm(PACK_POOL_PAGES)[:tokens // PAGE_SIZE]
+    return (pages[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).flatten()
+
+
+SHAPE_KEYS = ("batch", "context", "heads", "kv_heads", "tokens", "slots", "head_dim",
+              "page_size", "dtype")
+
+
+def shape_text(r: dict) -> str:
+    return " ".join(f"{key}={r[key]}" for key in SHAPE_KEYS if key in r)
+
+
+def print_row(r: dict) -> None:
+    print(f"{r['kernel']:<17} {shape_text(r):<72} ref {r['reference_us']:>9.1f} us  "
+          f"numba {r['numba_us']:>9.1f} us  x{r['speedup']:.2f}", flush=True)
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "# Kernel benchmark: torch reference vs numba",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"torch {torch.__version__} ({torch.get_num_threads()} thread), numba "
+        f"{numba.__version__}, {platform.machine()}; median of repeats after warm-up.",
+        "",
+        "| kernel | shape | reference (us) | numba (us) | speedup |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['kernel']} | {shape_text(r)} | {r['reference_us']:.1f} | "
+              f"{r['numba_us']:.1f} | {r['speedup']:.2f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results", help="output directory")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = decode_rows() + pack_rows()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m mpiserve.bench.kernels", *sys.argv[1:]])
+    (out / "kernels.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "kernels.md").write_text(markdown(rows, command))
+    print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
+
+
+if __name__ == "__main__":
+    main()
