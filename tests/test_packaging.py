@@ -1,0 +1,25 @@
+"""setup.cfg lists every package, and mpiserve.kernels comes from kernels/."""
+
+import configparser
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def listed_packages() -> set[str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return set(config["options"]["packages"].split())
+
+
+def test_every_package_directory_is_listed():
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "mpiserve").rglob("__init__.py")}
+    assert (ROOT / "kernels" / "__init__.py").is_file()
+    assert listed_packages() == found | {"mpiserve.kernels"}
+
+
+def test_kernels_is_never_a_top_level_module():
+    import mpiserve.kernels
+    assert Path(mpiserve.kernels.__file__).parent.name == "kernels"
+    assert mpiserve.kernels.__name__ == "mpiserve.kernels"
