@@ -3,14 +3,15 @@
     python -m mpiserve.bench.kernels [--out results]
 
 One torch thread, single-threaded numba. Each timing is the median of repeats after a
-warm-up. Writes ``kernels.json`` (one row per case) and ``kernels.md`` (a table and the
-command) to the output directory.
+warm-up, the two implementations called in turn. Writes ``kernels.json`` (one row per
+case) and ``kernels.md`` (a table and the command) to the output directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,21 +39,29 @@ PACK_SHAPE = (8, 128)  # kv heads, head_dim of one Llama-3-8B layer
 PACK_POOL_PAGES = 1024
 
 
-def time_us(fn, args: tuple, min_seconds: float = 0.2, min_repeats: int = 5) -> float:
-    """Median wall time of ``fn(*args)`` in microseconds, after warm-up calls."""
-    for _ in range(3):
+def time_pair_us(reference, numba_fn, args: tuple, min_seconds: float = 0.4,
+                 min_repeats: int = 5) -> tuple[float, float]:
+    """Median wall times of ``reference(*args)`` and ``numba_fn(*args)`` in microseconds.
+
+    Calls alternate after a warm-up, so that load from other processes on the machine
+    falls on both sides alike.
+    """
+    fns = (reference, numba_fn)
+    for fn in fns * 3:
         fn(*args)
-    samples: list[float] = []
+    samples: tuple[list[float], list[float]] = ([], [])
     deadline = time.perf_counter() + min_seconds
-    while len(samples) < min_repeats or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn(*args)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
+    while len(samples[0]) < min_repeats or time.perf_counter() < deadline:
+        for fn, times in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+    reference_us, numba_us = (statistics.median(times) * 1e6 for times in samples)
+    return reference_us, numba_us
 
 
 def row(kernel: str, shape: dict, reference, numba_fn, args: tuple) -> dict:
-    reference_us, numba_us = time_us(reference, args), time_us(numba_fn, args)
+    reference_us, numba_us = time_pair_us(reference, numba_fn, args)
     return {"kernel": kernel, **shape, "reference_us": round(reference_us, 1),
             "numba_us": round(numba_us, 1), "speedup": round(reference_us / numba_us, 2)}
 
@@ -125,14 +134,16 @@ def print_row(r: dict) -> None:
           f"numba {r['numba_us']:>9.1f} us  x{r['speedup']:.2f}", flush=True)
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, start_load: float) -> str:
     lines = [
         "# Kernel benchmark: torch reference vs numba",
         "",
         f"Command: `{command}`",
         "",
         f"torch {torch.__version__} ({torch.get_num_threads()} thread), numba "
-        f"{numba.__version__}, {platform.machine()}; median of repeats after warm-up.",
+        f"{numba.__version__}, {platform.machine()} with {os.cpu_count()} cores, load average "
+        f"{start_load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end; median of "
+        "alternating repeats after warm-up.",
         "",
         "| kernel | shape | reference (us) | numba (us) | speedup |",
         "|---|---|---:|---:|---:|",
@@ -145,15 +156,17 @@ def markdown(rows: list[dict], command: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results", help="output directory")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    start_load = os.getloadavg()[0]
     rows = decode_rows() + pack_rows()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m mpiserve.bench.kernels", *sys.argv[1:]])
+    command = " ".join(["python -m mpiserve.bench.kernels", *argv])
     (out / "kernels.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "kernels.md").write_text(markdown(rows, command))
+    (out / "kernels.md").write_text(markdown(rows, command, start_load))
     print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
 
 

@@ -1,0 +1,177 @@
+"""mpiserve.kernels: numba kernels against their torch references, references against
+plain torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpiserve.kernels import (
+    pack_slots,
+    pack_slots_numba,
+    pack_slots_reference,
+    paged_decode_attention,
+    paged_decode_attention_numba,
+    paged_decode_attention_reference,
+    unpack_slots,
+    unpack_slots_numba,
+    unpack_slots_reference,
+)
+
+HEADS = [(4, 4), (8, 2), (6, 1)]  # (query heads, kv heads): MHA, GQA, MQA
+HEAD_DIMS = [16, 64, 128]
+PAGE_SIZES = [1, 4, 16]
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def context_lengths(page_size: int) -> list[int]:
+    """One token, exactly on page boundaries, a boundary + 1, and an odd length."""
+    return [1, page_size, 2 * page_size, page_size + 1, 3 * page_size - 1, 37]
+
+
+def paged_case(heads: int, kv_heads: int, dim: int, page_size: int, lens: list[int],
+               dtype=torch.float32, seed: int = 0):
+    """Random (q, kv, page_table, context_lens, scale) with every sequence's pages taken
+    from a shuffled pool and the unused tail of the page table holding an invalid id."""
+    gen = torch.Generator().manual_seed(seed)
+    pages_per_seq = [-(-n // page_size) for n in lens]
+    num_pages = sum(pages_per_seq) + 3
+    order = torch.randperm(num_pages, generator=gen).to(torch.int32)
+    page_table = torch.full((len(lens), max(pages_per_seq) + 1), num_pages + 7,
+                            dtype=torch.int32)
+    used = 0
+    for b, count in enumerate(pages_per_seq):
+        page_table[b, :count] = order[used:used + count]
+        used += count
+    kv = torch.randn(2, num_pages, page_size, kv_heads, dim, generator=gen).to(dtype)
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
+    context_lens = torch.tensor(lens, dtype=torch.int32)
+    return q, kv, page_table, context_lens, dim ** -0.5
+
+
+def gathered_sdpa(q, kv, page_table, context_lens, scale, compute=torch.float32):
+    """Decode attention by gathering each sequence's K/V token by token, then SDPA in
+    ``compute`` precision; returned in ``q``'s dtype."""
+    page_size, kv_heads = kv.shape[2], kv.shape[3]
+    group = q.shape[1] // kv_heads
+    outputs = []
+    for b, length in enumerate(context_lens.tolist()):
+        slots = [int(page_table[b, t // page_size]) * page_size + t % page_size
+                 for t in range(length)]
+        tokens = kv.to(compute).view(2, -1, kv_heads, kv.shape[4])[:, slots]
+        keys, values = (x.transpose(0, 1).repeat_interleave(group, dim=0) for x in tokens)
+        query = q[b].to(compute)[:, None, :]
+        out = F.scaled_dot_product_attention(query, keys, values, scale=scale)
+        outputs.append(out[:, 0])
+    return torch.stack(outputs).to(q.dtype)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_decode_numba_matches_reference(heads, kv_heads, dim, page_size):
+    case = paged_case(heads, kv_heads, dim, page_size, context_lengths(page_size))
+    expected = paged_decode_attention_reference(*case)
+    torch.testing.assert_close(paged_decode_attention_numba(*case), expected, **TOLERANCE)
+    torch.testing.assert_close(paged_decode_attention(*case), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_decode_reference_matches_sdpa(heads, kv_heads, page_size):
+    case = paged_case(heads, kv_heads, 32, page_size, context_lengths(page_size))
+    torch.testing.assert_close(paged_decode_attention_reference(*case), gathered_sdpa(*case),
+                               **TOLERANCE)
+
+
+@pytest.mark.parametrize("lens", [[1], [1025], [1, 300, 1023, 1024, 1025, 64]])
+def test_decode_long_contexts(lens):
+    case = paged_case(8, 2, 64, 16, lens, seed=len(lens))
+    expected = gathered_sdpa(*case)
+    torch.testing.assert_close(paged_decode_attention_numba(*case), expected, **TOLERANCE)
+    torch.testing.assert_close(paged_decode_attention_reference(*case), expected, **TOLERANCE)
+
+
+def test_decode_numba_rounding_does_not_grow_with_context():
+    q, kv, page_table, context_lens, scale = paged_case(4, 2, 64, 16, [16384], seed=3)
+    case = (q * 3, kv, page_table, context_lens, scale)  # peaky softmax
+    exact = gathered_sdpa(*case, compute=torch.float64)
+    for kernel in (paged_decode_attention_numba, paged_decode_attention_reference):
+        torch.testing.assert_close(kernel(*case), exact, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_half_precision_uses_reference(dtype):
+    case = paged_case(8, 2, 64, 4, context_lengths(4), dtype=dtype)
+    out = paged_decode_attention(*case)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, paged_decode_attention_reference(*case), rtol=0, atol=0)
+    torch.testing.assert_close(out, gathered_sdpa(*case), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_accepts_non_contiguous_query():
+    q, kv, page_table, context_lens, scale = paged_case(4, 2, 16, 4, [5, 9])
+    wide = torch.cat([q, q], dim=2)[:, :, :16]
+    torch.testing.assert_close(
+        paged_decode_attention_numba(wide, kv, page_table, context_lens, scale),
+        paged_decode_attention_reference(q, kv, page_table, context_lens, scale), **TOLERANCE)
+
+
+def test_decode_numba_rejects_bad_pages():
+    q, kv, page_table, context_lens, scale = paged_case(4, 2, 16, 4, [5, 9])
+    page_table[1, 0] = kv.shape[1]
+    with pytest.raises(IndexError):
+        paged_decode_attention_numba(q, kv, page_table, context_lens, scale)
+    with pytest.raises(IndexError):
+        paged_decode_attention_numba(q, kv, page_table[:, :1], context_lens, scale)
+
+
+def whole_pages(pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    return (pages[:, None] * page_size + torch.arange(page_size)).flatten()
+
+
+def slot_sets(num_pages: int, page_size: int, seed: int):
+    """Two disjoint slot sets of equal size: whole shuffled pages, then two lone slots."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = torch.randperm(num_pages, generator=gen)
+    half = num_pages // 2
+    source = torch.cat([whole_pages(pages[:half - 2], page_size),
+                        pages[half - 2:half] * page_size + page_size // 2])
+    target = torch.cat([whole_pages(pages[half:2 * half - 2], page_size),
+                        pages[2 * half - 2:2 * half] * page_size + page_size - 1])
+    return source, target
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_pack_unpack_roundtrip(dtype, page_size):
+    kv = torch.randn(2, 12, page_size, 2, 16).to(dtype)
+    source, target = slot_sets(12, page_size, seed=page_size)
+    buf = pack_slots_reference(kv, source)
+    assert buf.shape == (2, len(source), 2, 16) and buf.is_contiguous()
+    for pack in (pack_slots_numba, pack_slots):
+        assert torch.equal(pack(kv, source), buf)
+    for unpack in (unpack_slots_reference, unpack_slots_numba, unpack_slots):
+        moved = torch.zeros_like(kv)
+        unpack(moved, target, buf)
+        assert torch.equal(pack_slots_reference(moved, target), buf)
+        untouched = torch.ones(moved.view(2, -1, 2, 16).shape[1], dtype=torch.bool)
+        untouched[target] = False
+        assert not moved.view(2, -1, 2, 16)[:, untouched].any()
+
+
+def test_pack_no_slots():
+    kv = torch.randn(2, 3, 4, 2, 16)
+    empty = torch.empty(0, dtype=torch.int64)
+    assert pack_slots_numba(kv, empty).shape == (2, 0, 2, 16)
+    unpack_slots_numba(kv, empty, pack_slots_numba(kv, empty))
+
+
+def test_pack_numba_rejects_bad_slots():
+    kv = torch.randn(2, 3, 4, 2, 16)
+    with pytest.raises(IndexError):
+        pack_slots_numba(kv, torch.tensor([10, 11, 12]))
+    with pytest.raises(IndexError):
+        pack_slots_numba(kv, torch.tensor([-1]))
+    with pytest.raises(ValueError):
+        unpack_slots_numba(kv, torch.tensor([0, 1]), torch.zeros(2, 3, 2, 16))
