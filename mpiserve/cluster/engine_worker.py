@@ -141,6 +141,9 @@ class EngineWorker:
         request, kv = call.request, call.args["kv"]
         begin = request.resolve(call.args.get("begin"), 0)
         end = request.resolve(call.args.get("end"), len(request.prompt))
+        if kv.rank == self.rank:
+            raise ValueError("remote_send into this engine's own pages: it already computes "
+                             "what it lacks in start_generate")
         if not 0 <= begin <= end <= kv.end:
             raise ValueError(f"remote_send of [{begin}, {end}) does not fit the receiver's "
                              f"reservation of [0, {kv.end})")
