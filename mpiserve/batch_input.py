@@ -18,6 +18,11 @@ takes its default. `max_tokens` defaults to 16 for completions (as OpenAI) and t
 chat (OpenAI's "until the context is full" is rarely what a batch job wants); temperature
 defaults to 1.0. Other body fields (`model`, `user`, ...) are ignored, except that `n`
 must be 1.
+
+A line may also carry the top-level extension `arrival_s`: the request arrives that many
+seconds (a number >= 0) after the job's clock starts (when every engine has loaded), and is
+admitted no earlier (lines are admitted in file order, so give arrival times in increasing
+order). Without it a request arrives as soon as it is read.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class BatchItem:
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None
     params: SamplingParams | None = None
+    arrival_s: float | None = None
     error: str | None = None
 
 
@@ -94,6 +100,7 @@ def _item(raw: bytes, line_no: int, source: str, seen: dict[str, int]) -> BatchI
     try:
         request = _decode(raw)
         fields["custom_id"] = _custom_id(request, line_no, seen)
+        fields["arrival_s"] = _arrival(request)
         fields["kind"] = _kind(request)
         fields.update(_body(request, fields["kind"]))
     except _LineError as err:
@@ -136,6 +143,16 @@ def _kind(request: dict) -> str:
     if not isinstance(url, str) or url not in URL_KINDS:
         raise _LineError(f"url must be one of {', '.join(URL_KINDS)} (got {_show(url)})")
     return URL_KINDS[url]
+
+
+def _arrival(request: dict) -> float | None:
+    arrival = request.get("arrival_s")
+    if arrival is None:
+        return None
+    if not (_is_number(arrival) and arrival >= 0):
+        raise _LineError(f"arrival_s must be a number >= 0, the seconds after the job starts "
+                         f"when the request arrives (got {_show(arrival)})")
+    return float(arrival)
 
 
 def _body(request: dict, kind: str) -> dict:

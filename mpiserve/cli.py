@@ -63,20 +63,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds before a KV transfer is given up (the request recomputes)")
     run.add_argument("--heartbeat-timeout", type=float, default=120.0,
                      help="seconds of silence after which an engine rank counts as dead")
+    run.add_argument("--dashboard", choices=["auto", "live", "plain", "off"], default="auto",
+                     help="live table on the terminal, a progress line every few seconds "
+                          "(plain), or nothing; auto: live on a terminal, else plain")
+    run.add_argument("--run-dir", help="where the run report goes: summary.json and plots "
+                     "(default: <output stem>.run/ beside the output file)")
+    run.add_argument("--record-itl", action="store_true",
+                     help="add each request's inter-token latencies (seconds) to its metrics")
     run.add_argument("--fail-transfers", type=int, default=0, help=argparse.SUPPRESS)
     _engine_arguments(run)
+    from .bench.serving import add_arguments as bench_arguments
+    bench = sub.add_parser("bench", help="serving benchmark: one workload under several "
+                           "routers, each run a fresh mpiexec job",
+                           description="Serve one workload (seeded prompts, Poisson arrivals) "
+                           "with each router in turn; write strategies.json, .md and plots.")
+    bench_arguments(bench)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from .bench.serving import run_bench
+            return run_bench(args, argv[1:])
         if args.command == "run":
             from .job import JobOptions, run_job
             return run_job(JobOptions(
                 input=args.input, output=args.output, router=args.router,
                 router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,
                 max_inflight=args.max_inflight, drain_timeout_s=args.drain_timeout,
+                record_itl=args.record_itl,
+                dashboard=args.dashboard, run_dir=args.run_dir,
                 transfer_timeout_s=args.transfer_timeout,
                 heartbeat_timeout_s=args.heartbeat_timeout, fail_transfers=args.fail_transfers,
                 engine=engine_config(args)))

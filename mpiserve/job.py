@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cluster.layout import ROUTER_RANK, JobLayout
@@ -28,6 +28,7 @@ class JobOptions:
     decode: int | None = None
     max_inflight: int = 256
     drain_timeout_s: float = 60.0
+    record_itl: bool = False
     dashboard: str = "auto"
     run_dir: str | None = None
     transfer_timeout_s: float = 60.0
@@ -148,9 +149,10 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
 
 
 async def _serve(comm, layout, options, route, items, model_dir, config, tokenizer, output):
+    from .batch_input import count_records
     from .cluster.control import ControlChannel
     from .cluster.messages import Shutdown
-    from .batch_input import count_records
+    from .dashboard.observer import JobObserver
     from .router.batch_runner import BatchRunner, ModelLimits
     from .router.cluster import Cluster
     from .router.dispatcher import Dispatcher
@@ -162,18 +164,43 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     limits = ModelLimits(name, config.vocab_size,
                          options.engine.max_model_len or config.max_position_embeddings)
     runner = BatchRunner(cluster, route, options.router, tokenizer, limits, output,
-                         options.max_inflight, options.drain_timeout_s)
+                         options.max_inflight, options.drain_timeout_s,
+                         record_itl=options.record_itl)
+    observer = JobObserver(options.dashboard, job_info(options, comm.Get_size(), name, roles),
+                           dispatcher, cluster, runner.tally, run_dir(options))
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, runner.stop)
-    stop = asyncio.Event()
+    stop, watching = asyncio.Event(), asyncio.Event()
     pump = asyncio.create_task(dispatcher.pump(stop))
+    watch = asyncio.create_task(observer.run(watching))
     try:
-        tally = await runner.run(items, total=count_records(options.input))
+        try:
+            tally = await runner.run(items, total=count_records(options.input))
+        finally:
+            stop.set()
+            await pump
+        control.broadcast(layout.engine_ranks, Shutdown())
+        await dispatcher.collect_final_stats()
+        control.flush()
     finally:
-        stop.set()
-        await pump
-    control.broadcast(layout.engine_ranks, Shutdown())
-    await dispatcher.collect_final_stats()
-    control.flush()
+        watching.set()
+        await watch
+    observer.finish()
     return tally
+
+
+def run_dir(options: JobOptions) -> Path:
+    """Where the run report goes: --run-dir, else `<output stem>.run/` beside the output."""
+    if options.run_dir:
+        return Path(options.run_dir)
+    output = Path(options.output)
+    return output.with_name(f"{output.stem}.run")
+
+
+def job_info(options: JobOptions, world_size: int, model: str, roles: dict[int, str]) -> dict:
+    """The job's configuration, as the dashboard and the run report show it."""
+    return {"model": model, "router": options.router, "router_args": dict(options.router_args),
+            "world_size": world_size, "engines": dict(roles), "input": options.input,
+            "output": options.output, "max_inflight": options.max_inflight,
+            "engine": asdict(options.engine)}

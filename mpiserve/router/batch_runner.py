@@ -46,22 +46,30 @@ class ModelLimits:
 class BatchRunner:
     def __init__(self, cluster: Cluster, route, router_name: str, tokenizer: Tokenizer,
                  limits: ModelLimits, output: BatchOutput, max_inflight: int,
-                 drain_timeout_s: float = 60.0):
+                 drain_timeout_s: float = 60.0, record_itl: bool = False,
+                 ready_poll_s: float = 0.05):
         self.cluster, self.route, self.router_name = cluster, route, router_name
         self.tokenizer, self.limits, self.output = tokenizer, limits, output
         self.max_inflight = max_inflight
         self.drain_timeout_s = drain_timeout_s
+        self.record_itl = record_itl          # per-request inter-token latencies in metrics
+        self.ready_poll_s = ready_poll_s
         self.tally = BatchTally()
         self.stopping = asyncio.Event()      # set by SIGTERM/SIGINT: admit nothing more
+        self.clock_origin: float | None = None   # when arrival_s 0 is (engines all ready)
 
     def stop(self) -> None:
         self.tally.interrupted = True
         self.stopping.set()
 
     async def run(self, items, total: int = 0) -> BatchTally:
+        """Serve `items` in file order. The job's clock starts once every engine is ready;
+        an item with `arrival_s` is admitted no earlier than that many seconds later."""
         self.tally.total = total
         slots = asyncio.Semaphore(self.max_inflight)
         tasks = set()
+        await self._engines_ready()
+        self.clock_origin = time.monotonic()
         for item in items:
             if self.stopping.is_set():
                 break
@@ -72,7 +80,15 @@ class BatchRunner:
             request = self._request_or_error(item)
             if request is None:
                 continue
+            arrival = time.monotonic()
+            if item.arrival_s is not None:
+                arrival = self.clock_origin + item.arrival_s
+                if not await self._sleep_until(arrival):
+                    self.tally.seen -= 1
+                    break
+            self.cluster.trace(request).arrival = arrival
             if not await self._take_slot(slots):
+                self.cluster.pop_trace(request)
                 self.tally.seen -= 1
                 break
             task = asyncio.create_task(self._serve(item, request))
@@ -80,6 +96,25 @@ class BatchRunner:
             task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
         await self._finish(set(tasks))
         return self.tally
+
+    async def _engines_ready(self) -> None:
+        """Wait (polling gently) until every engine has loaded and reported, or a stop."""
+        while not self.cluster.engines_ready() and not self.stopping.is_set():
+            self.cluster.check_engines()               # raises if an engine died meanwhile
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.ready_poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _sleep_until(self, when: float) -> bool:
+        """Sleep until monotonic time `when`, or a stop; True if the time came first."""
+        delay = when - time.monotonic()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        return not self.stopping.is_set()
 
     async def _take_slot(self, slots: asyncio.Semaphore) -> bool:
         """Wait for a free slot or a stop; True if a slot was taken."""
@@ -153,18 +188,27 @@ class BatchRunner:
         except EngineFailure:
             raise
         except Exception as exc:
+            await self._release_leftovers(request)
             self.cluster.pop_trace(request)
             self._write_error(item, f"router {self.router_name} failed on {item.custom_id!r}: "
                               f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                               code="router_error")
             return
-        trace = self.cluster.pop_trace(request)
         trace.finished = time.monotonic()
+        await self._release_leftovers(request)
+        trace = self.cluster.pop_trace(request)
         self._write_result(item, request, tokens, trace)
+
+    async def _release_leftovers(self, request: Request) -> None:
+        """Free pages the router reserved with prep_recv but never generated on (it failed,
+        or chose another engine); kept, they would shrink the engine's pool for good."""
+        reserved = self.cluster.trace(request).reserved
+        for engine in [e for e in self.cluster.engines if e.rank in reserved]:
+            await engine.release(request)
 
     def _write_result(self, item, request, tokens, trace) -> None:
         text = visible_text(self.tokenizer.decode(tokens), request.params.stop)
-        metrics = trace.metrics(self.router_name)
+        metrics = trace.metrics(self.router_name, itl=self.record_itl)
         self.output.write(completion_record(item, request.id, tokens, text,
                                             trace.finish_reason or "length",
                                             len(request.prompt), metrics, self.limits.name))

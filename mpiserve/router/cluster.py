@@ -7,6 +7,7 @@ from collections import Counter
 from ..cluster.messages import Request
 from .dispatcher import Dispatcher
 from .engine_handle import EngineHandle
+from .engine_speed import Speed, SpeedEstimator
 from .prefix_index import PrefixIndex
 from .request_trace import RequestTrace
 
@@ -27,6 +28,9 @@ class Cluster:
         self.strategies: Counter[str] = Counter()
         self.failed_transfers: list[str] = []
         self._traces: dict[str, RequestTrace] = {}
+        self._dispatcher = dispatcher
+        self._speeds = {e.rank: SpeedEstimator() for e in self.engines}
+        self._speed_seen: dict[int, dict] = {}
 
     def least_loaded(self, engines: list[EngineHandle] | None = None) -> EngineHandle:
         """The engine with the fewest active requests, then the least queued prefill."""
@@ -42,12 +46,42 @@ class Cluster:
         self.trace(request).strategy = name
         self.strategies[name] += 1
 
+    def speed(self, engine: EngineHandle) -> Speed:
+        """The engine's measured compute speed: `prefill_rate` and `decode_rate` in tokens per
+        second of busy time, from the counters in its stats (None until measured)."""
+        stats = self._dispatcher.stats.get(engine.rank)
+        if stats is not None and stats is not self._speed_seen.get(engine.rank):
+            self._speed_seen[engine.rank] = stats
+            self._speeds[engine.rank].observe_stats(stats)
+        return self._speeds[engine.rank].speed
+
+    def prefill_rate(self, engine: EngineHandle) -> float | None:
+        """Prompt tokens per second the engine prefills when busy (None until measured)."""
+        return self.speed(engine).prefill_rate
+
+    def decode_rate(self, engine: EngineHandle) -> float | None:
+        """Generated tokens per second the engine decodes when busy (None until measured)."""
+        return self.speed(engine).decode_rate
+
     # ---- used by the runtime and the handles --------------------------------------------------
     def trace(self, request: Request) -> RequestTrace:
         return self._traces.setdefault(request.id, RequestTrace())
 
+    def engines_ready(self) -> bool:
+        """Whether every engine has loaded its model and reported its stats."""
+        return all(e.rank in self._dispatcher.stats for e in self.engines)
+
+    def check_engines(self) -> None:
+        """Raise the engine failure the dispatcher saw, if any."""
+        if self._dispatcher.failure is not None:
+            raise self._dispatcher.failure
+
     def pop_trace(self, request: Request) -> RequestTrace:
         return self._traces.pop(request.id, None) or RequestTrace()
+
+    def reservations_on(self, rank: int) -> int:
+        """Requests in flight that hold pages reserved on `rank` and do not generate yet."""
+        return sum(rank in trace.reserved for trace in self._traces.values())
 
     def count_failed_transfer(self, request: Request, reason: str) -> None:
         self.failed_transfers.append(f"{request.id}: {reason}")

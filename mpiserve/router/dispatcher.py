@@ -55,9 +55,9 @@ class Dispatcher:
         return queue
 
     # ---- incoming ---------------------------------------------------------------------------
-    async def pump(self, stop: asyncio.Event) -> None:
+    async def pump(self, stop: asyncio.Event, backoff: Backoff | None = None) -> None:
         """Deliver engine messages until `stop` is set; sleeps with backoff when idle."""
-        backoff = Backoff()
+        backoff = backoff or Backoff()
         while not stop.is_set():
             try:
                 messages = self.control.receive_all()

@@ -12,7 +12,7 @@ from .dispatcher import Dispatcher
 @dataclass(frozen=True)
 class Load:
     """Rank 0's live view of one engine's work."""
-    active: int                 # requests generating or sending KV on it
+    active: int                 # requests generating, sending KV or holding pages on it
     queued_prefill: int         # prompt tokens given to it to prefill, not yet done
     running: int                # as last reported by the engine
     waiting: int
@@ -33,7 +33,8 @@ class EngineHandle:
     @property
     def load(self) -> Load:
         stats = self._dispatcher.stats.get(self.rank, {})
-        return Load(self._active, self._queued_prefill, stats.get("running", 0),
+        active = self._active + self._cluster.reservations_on(self.rank)
+        return Load(active, self._queued_prefill, stats.get("running", 0),
                     stats.get("waiting", 0),
                     stats.get("pages_total", 0) - stats.get("pages_used", 0))
 
@@ -41,9 +42,20 @@ class EngineHandle:
         """Match prompt[:end] in this engine's prefix cache and reserve pages for the rest."""
         trace = self._cluster.trace(request)
         trace.engines.add(self.rank)
-        kv = await self._dispatcher.call(self.rank, "prep_recv", request, end=end)
+        trace.reserved.add(self.rank)         # counts in this engine's load from now on
+        try:
+            kv = await self._dispatcher.call(self.rank, "prep_recv", request, end=end)
+        except BaseException:
+            trace.reserved.discard(self.rank)
+            raise
         trace.prefix_matched = max(trace.prefix_matched, kv.matched)
         return kv
+
+    async def release(self, request: Request) -> None:
+        """Give back the pages prep_recv reserved here for a request that will not generate
+        here. The runtime does this for reservations left over when a request ends."""
+        await self._dispatcher.call(self.rank, "release", request)
+        self._cluster.trace(request).reserved.discard(self.rank)
 
     async def remote_send(self, request: Request, kv: KVAddress, begin: int = 0,
                           end: int | None = None) -> TransferDone:
@@ -74,6 +86,7 @@ class EngineHandle:
         """Prefill prompt[begin:] on top of the KV this engine holds and stream new tokens."""
         trace = self._cluster.trace(request)
         trace.engines.add(self.rank)
+        trace.reserved.discard(self.rank)     # the reservation becomes this generation
         work = len(request.prompt) - request.resolve(begin, 0)
         self._active += 1
         self._queued_prefill += work

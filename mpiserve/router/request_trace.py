@@ -1,9 +1,16 @@
-"""What happened to one request across engines, for its output record (pure bookkeeping)."""
+"""What happened to one request across engines, for its output record (pure bookkeeping).
+
+Times are `time.monotonic()` seconds. `arrival` is when the request arrived: its scheduled
+arrival time when the input gives `arrival_s`, else when rank 0 read it. `ttft`, `jct` and
+`queue_time` count from the arrival, so time spent waiting to be admitted is part of them.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+ITL_DIGITS = 4                               # inter-token latencies rounded to 0.1 ms
 
 
 @dataclass
@@ -15,25 +22,35 @@ class RequestTrace:
     finished: float | None = None
     finish_reason: str | None = None
     engines: set[int] = field(default_factory=set)
+    reserved: set[int] = field(default_factory=set)   # ranks holding prep_recv pages for it
     kv_bytes: int = 0
     prefix_matched: int = 0
     fallbacks: int = 0
     strategy: str | None = None
 
-    def tokens_arrived(self, count: int) -> None:
-        now = time.monotonic()
+    def tokens_arrived(self, count: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         if self.first_token is None:
             self.first_token = now
         self.token_times.extend([now] * count)
 
-    def metrics(self, router: str) -> dict:
+    def inter_token_latencies(self) -> list[float]:
+        """Seconds between consecutive generated tokens as rank 0 received them (tokens that
+        arrive together count 0), rounded to 0.1 ms; their mean is the TPOT."""
+        times = self.token_times
+        return [round(b - a, ITL_DIGITS) for a, b in zip(times, times[1:])]
+
+    def metrics(self, router: str, itl: bool = False) -> dict:
         end = self.finished or time.monotonic()
         started = self.started or self.arrival
-        ttft = None if self.first_token is None else self.first_token - started
+        ttft = None if self.first_token is None else self.first_token - self.arrival
         n = len(self.token_times)
         tpot = (self.token_times[-1] - self.first_token) / (n - 1) if n > 1 else None
-        return {"ttft": ttft, "tpot": tpot, "jct": end - started,
-                "queue_time": started - self.arrival, "prefix_matched": self.prefix_matched,
-                "kv_bytes": self.kv_bytes, "engines": sorted(self.engines),
-                "transfer_fallbacks": self.fallbacks, "router": router,
-                "strategy": self.strategy}
+        metrics = {"ttft": ttft, "tpot": tpot, "jct": end - self.arrival,
+                   "queue_time": started - self.arrival, "prefix_matched": self.prefix_matched,
+                   "kv_bytes": self.kv_bytes, "engines": sorted(self.engines),
+                   "transfer_fallbacks": self.fallbacks, "router": router,
+                   "strategy": self.strategy}
+        if itl:
+            metrics["itl"] = self.inter_token_latencies()
+        return metrics
