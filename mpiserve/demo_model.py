@@ -1,19 +1,15 @@
 """The built-in demo model: a small Llama checkpoint generated on this machine, never downloaded.
 
-The first call builds it into the cache in a few seconds (random weights from a fixed seed and a
-byte-level BPE tokenizer trained on sentences composed here), so every build is byte-identical.
-Many processes may race to build it: each builds in its own staging directory and renames it
-into place; the losers discard theirs.
+The first call builds it into the cache (model_cache) in a few seconds (random weights from a
+fixed seed and a byte-level BPE tokenizer trained on sentences composed here), so every build is
+byte-identical.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -22,6 +18,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from tokenizers import Tokenizer as BackendTokenizer
 
 from .checkpoint import expected_tensor_shapes
+from .model_cache import cached_checkpoint
 from .model_config import ModelConfig
 
 DEMO_NAME = "demo-llama-v1"
@@ -118,32 +115,7 @@ _PATTERNS = [
 
 def demo_model_dir() -> Path:
     """Directory of the demo checkpoint in the cache, built on first use."""
-    target = cache_root() / DEMO_NAME
-    if not target.is_dir():
-        _build_atomically(target)
-    return target
-
-
-def cache_root() -> Path:
-    """$MPISERVE_CACHE, else $XDG_CACHE_HOME/mpiserve, else ~/.cache/mpiserve."""
-    if os.environ.get("MPISERVE_CACHE"):
-        return Path(os.environ["MPISERVE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mpiserve"
-
-
-def _build_atomically(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    staging.mkdir()
-    try:
-        write_demo_model(staging)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():      # a real failure, not another process winning the race
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return cached_checkpoint(DEMO_NAME, write_demo_model)
 
 
 def write_demo_model(directory: Path) -> None:

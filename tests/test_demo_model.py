@@ -8,7 +8,8 @@ import torch
 
 from mpiserve import demo_model
 from mpiserve.checkpoint import load_checkpoint
-from mpiserve.demo_model import cache_root, demo_model_dir
+from mpiserve.demo_model import demo_model_dir
+from mpiserve.model_cache import cache_root
 from mpiserve.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

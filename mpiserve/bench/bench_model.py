@@ -9,11 +9,11 @@ is seeded, and a finished build is renamed into place atomically, so processes m
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..model_cache import cached_checkpoint
 
 SEED = 20250305
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -70,25 +70,7 @@ QUICK = ModelShape("bench-llama-tiny-v1", vocab_size=2048, hidden_size=64,
 
 def bench_model_dir(shape: ModelShape = BENCH) -> Path:
     """The checkpoint directory of `shape` in the mpiserve cache, built on first use."""
-    from ..demo_model import cache_root
-    target = cache_root() / shape.name
-    if not target.is_dir():
-        _build_atomically(target, shape)
-    return target
-
-
-def _build_atomically(target: Path, shape: ModelShape) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    staging.mkdir()
-    try:
-        write_model(staging, shape)
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():          # a real failure, not another process winning the race
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return cached_checkpoint(shape.name, lambda directory: write_model(directory, shape))
 
 
 def write_model(directory: Path, shape: ModelShape) -> None:
