@@ -113,7 +113,7 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
     from ..cluster.control import ControlChannel
     from ..cluster.engine_worker import dtype_name
     from ..cluster.kv_transfer import OutgoingTransfer, WorkWaiter, post_receives
-    from ..cluster.messages import KVAnnounce
+    from ..cluster.messages import KVAnnounce, KVPiece
     rank = comm.Get_rank()
     control = ControlChannel(comm)
     dtype = getattr(torch, config.torch_dtype)
@@ -129,9 +129,9 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
             started = time.perf_counter()
             if rank == 1:
                 slots = kv.slots(page_ids, 0, n)
-                shape = (2, n, *kv.layers[0].shape[3:])
-                control.send(2, KVAnnounce(trial, f"bw{n}", 0, n, shape, dtype_name(dtype),
-                                           kv.num_layers))
+                piece = KVPiece(trial, f"bw{n}", 0, n, last=True)
+                control.send(2, KVAnnounce((piece,), tuple(kv.layers[0].shape[3:]),
+                                           dtype_name(dtype), kv.num_layers))
                 out = OutgoingTransfer(trial, f"bw{n}", None, 2, 0, n)
                 for layer in range(kv.num_layers):
                     out.send_layer(kv.read(layer, slots))
@@ -142,7 +142,7 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
                 while not messages:
                     messages = control.receive_all()
                 (source, announce), = messages
-                buffers, works = post_receives(source, announce, device)
+                (buffers,), works = post_receives(source, announce, device)
                 _wait(WorkWaiter(works, TIMEOUT_S))
                 slots = kv.slots(page_ids, 0, n)
                 for layer, buffer in enumerate(buffers):

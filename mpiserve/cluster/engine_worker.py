@@ -14,10 +14,11 @@ from ..errors import MpiserveError
 from ..sequence import Sequence
 from .backoff import Backoff
 from .control import ControlChannel
-from .kv_transfer import IncomingTransfer, OutgoingTransfer, WorkWaiter, post_receives
+from .kv_transfer import (IncomingCall, IncomingStep, OutgoingTransfer, WorkWaiter, nbytes,
+                          post_receives)
 from .layout import ROUTER_RANK
-from .messages import (Call, Fatal, KVAddress, KVAnnounce, Reply, Shutdown, StatsSnapshot,
-                       TokenBatch, TokenUpdate, TransferDone)
+from .messages import (Call, Fatal, KVAbandon, KVAddress, KVAnnounce, KVPiece, Reply, Shutdown,
+                       StatsSnapshot, TokenBatch, TokenUpdate, TransferDone)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class EngineWorker:
         self.waiting_reservations: deque[Call] = deque()
         self.to_send: dict[int, OutgoingTransfer] = {}   # id(prefill seq) -> its transfer
         self.sending: list[OutgoingTransfer] = []
-        self.incoming: list[IncomingTransfer] = []
+        self.incoming: list[IncomingStep] = []              # in announcement order
+        self.receiving: dict[int, IncomingCall] = {}        # remote_send call id -> progress
         self.counters = {"kv_bytes_sent": 0, "kv_bytes_received": 0, "transfers_failed": 0,
                          "fallbacks": 0, "requests_done": 0}
         self.stopping = False
@@ -84,6 +86,8 @@ class EngineWorker:
                 self._call(message)
             elif isinstance(message, KVAnnounce):
                 self._announced(source, message)
+            elif isinstance(message, KVAbandon):
+                self._abandoned(message)
             elif isinstance(message, Shutdown):
                 self.stopping = True
         return bool(messages)
@@ -164,89 +168,126 @@ class EngineWorker:
                                                  begin, end)
 
     def _abandon(self, call: Call, kv: KVAddress, begin: int, end: int, reason: str) -> None:
-        """Announce a transfer that will carry no data, so the receiver falls back."""
-        self.control.send(kv.rank, KVAnnounce(call.call_id, call.request.id, begin, end, (), "",
-                                              0, ok=False, reason=f"rank {self.rank}: {reason}"))
+        """Tell the receiver no data will come, so it falls back to recomputing."""
+        self.control.send(kv.rank, KVAbandon(call.call_id, call.request.id,
+                                             f"rank {self.rank}: {reason}"))
 
     def _layer_hook(self, chunks):
-        """Before the forward pass: announce the transfers whose prefill ends in this step;
-        after each layer: send that layer's KV, overlapping the remaining layers."""
-        ready = [self.to_send[id(c.seq)] for c in chunks
-                 if id(c.seq) in self.to_send and c.end == c.seq.num_tokens]
-        if not ready:
-            return None
+        """Before the forward pass: announce, per receiver, the pieces of the transfers whose
+        prefill advances in this step; after each layer: send that layer of every piece, so the
+        KV streams while the remaining layers and the next prefill steps compute."""
         kv = self.engine.kv
-        for t in ready:
-            t.slots = kv.slots(t.seq.page_ids, t.begin, t.end)
-            shape = (2, t.end - t.begin, *kv.layers[0].shape[3:])
-            self.control.send(t.dest, KVAnnounce(t.call_id, t.request_id, t.begin, t.end, shape,
-                                                 dtype_name(self.engine.dtype), kv.num_layers))
+        by_dest: dict[int, list] = {}
+        for chunk in chunks:
+            t = self.to_send.get(id(chunk.seq))
+            end = min(chunk.end, t.end) if t is not None else 0
+            if t is None or end <= t.sent_upto:
+                continue
+            piece = KVPiece(t.call_id, t.request_id, t.sent_upto, end, last=end == t.end)
+            by_dest.setdefault(t.dest, []).append((t, piece, kv.slots(t.seq.page_ids,
+                                                                      t.sent_upto, end)))
+            t.sent_upto = end
+        if not by_dest:
+            return None
+        for dest, pieces in by_dest.items():
+            self.control.send(dest, KVAnnounce(tuple(p for _, p, _ in pieces),
+                                               tuple(kv.layers[0].shape[3:]),
+                                               dtype_name(self.engine.dtype), kv.num_layers))
 
-        def send_layer(layer: int) -> None:
-            for t in ready:
-                t.send_layer(kv.read(layer, t.slots))
+        def send_layer(layer: int) -> None:              # layer-major, as announced
+            for pieces in by_dest.values():
+                for t, _, slots in pieces:
+                    t.send_layer(kv.read(layer, slots))
         return send_layer
 
     # ---- receiving ----------------------------------------------------------------------------
     def _announced(self, source: int, announce: KVAnnounce) -> None:
-        target = self.reservations.get(announce.request_id)
-        if not announce.ok:
-            self._transfer_failed(target, announce, announce.reason)
-            return
-        problem = self._announce_problem(announce, target)
         buffers, works = post_receives(source, announce, self.engine.device)
+        for piece in announce.pieces:
+            call = self._incoming_call(piece.call_id, piece.request_id)
+            problem = None if call.failed else self._piece_problem(announce, piece, call)
+            call.expected = piece.end
+            if problem:
+                self._fail_call(piece.call_id, piece.request_id, problem)
         waiter = WorkWaiter(works, self.options.transfer_timeout_s)
-        self.incoming.append(IncomingTransfer(source, announce, None if problem else target,
-                                              buffers, waiter))
-        if problem:
-            self._transfer_failed(target, announce, problem)
+        self.incoming.append(IncomingStep(source, announce, buffers, waiter))
 
-    def _announce_problem(self, a: KVAnnounce, target: Sequence | None) -> str | None:
-        kv = self.engine.kv
-        expected = (2, a.end - a.begin, *kv.layers[0].shape[3:])
+    def _abandoned(self, message: KVAbandon) -> None:
+        self._incoming_call(message.call_id, message.request_id)
+        self._fail_call(message.call_id, message.request_id, message.reason)
+        del self.receiving[message.call_id]
+
+    def _incoming_call(self, call_id: int, request_id: str) -> IncomingCall:
+        if call_id not in self.receiving:
+            self.receiving[call_id] = IncomingCall(self.reservations.get(request_id))
+        return self.receiving[call_id]
+
+    def _piece_problem(self, a: KVAnnounce, piece: KVPiece, call: IncomingCall) -> str | None:
+        kv, target = self.engine.kv, call.target
         if target is None:
-            return f"no reservation for request {a.request_id!r} (prep_recv first)"
-        if a.end > len(target.page_ids) * kv.page_size or a.begin > target.num_computed:
-            return (f"[{a.begin}, {a.end}) does not continue the {target.num_computed} tokens "
-                    f"held within the reserved {len(target.page_ids)} pages")
-        if tuple(a.layer_shape) != expected or a.num_layers != kv.num_layers \
-                or a.dtype != dtype_name(self.engine.dtype):
-            return (f"size mismatch: got {a.num_layers} x {tuple(a.layer_shape)} {a.dtype}, "
-                    f"expected {kv.num_layers} x {expected} {dtype_name(self.engine.dtype)}")
+            return f"no reservation for request {piece.request_id!r} (prep_recv first)"
+        follows = piece.begin == call.expected if call.expected is not None \
+            else piece.begin <= target.num_computed
+        if piece.end > len(target.page_ids) * kv.page_size or not follows:
+            return (f"[{piece.begin}, {piece.end}) does not continue the {target.num_computed} "
+                    f"tokens held within the reserved {len(target.page_ids)} pages")
+        mine = (tuple(kv.layers[0].shape[3:]), kv.num_layers, dtype_name(self.engine.dtype))
+        if (tuple(a.token_shape), a.num_layers, a.dtype) != mine:
+            return (f"size mismatch: got {a.num_layers} layers of {tuple(a.token_shape)} "
+                    f"{a.dtype} per token, expected {mine[1]} layers of {mine[0]} {mine[2]}")
         return None
 
-    def _transfer_failed(self, target: Sequence | None, announce: KVAnnounce, reason: str):
-        if target is not None and self.reservations.get(announce.request_id) is target:
-            self.engine.drop_reserved_tail(target)
+    def _fail_call(self, call_id: int, request_id: str, reason: str) -> None:
+        """Report a failed transfer once; the receiver keeps what landed and recomputes the rest."""
+        call = self.receiving[call_id]
+        if call.failed:
+            return
+        call.failed = True
+        if call.target is not None and self.reservations.get(request_id) is call.target:
+            self.engine.drop_reserved_tail(call.target)
         self.counters["transfers_failed"] += 1
-        self._reply(TransferDone(announce.call_id, False, 0, reason))
+        self._reply(TransferDone(call_id, False, call.nbytes, reason))
 
     def _poll_transfers(self) -> bool:
-        done_in = [t for t in self.incoming if t.waiter.finished]
-        done_out = [t for t in self.sending if t.waiter.finished]
-        for t in done_in:
-            self.incoming.remove(t)
-            self._landed(t)
-        for t in done_out:
+        """Land finished steps, each sender's in order; free the pages of finished sends."""
+        progressed, waiting_sources = False, set()
+        for step in list(self.incoming):
+            if step.source in waiting_sources or not step.waiter.finished:
+                waiting_sources.add(step.source)
+                continue
+            self.incoming.remove(step)
+            for piece, buffers in zip(step.announce.pieces, step.buffers):
+                self._landed(piece, buffers, step.waiter.error)
+            progressed = True
+        for t in [t for t in self.sending if t.waiter.finished]:
             self.sending.remove(t)
             self.engine.release(t.seq)
-            self.counters["kv_bytes_sent"] += sum(b.numel() * b.element_size() for b in t.buffers)
-        return bool(done_in or done_out)
+            self.counters["kv_bytes_sent"] += nbytes(t.buffers)
+            progressed = True
+        return progressed
 
-    def _landed(self, t: IncomingTransfer) -> None:
-        a, target = t.announce, t.target
-        if target is None:
-            return                                   # already reported as failed
-        if t.waiter.error or self.reservations.get(a.request_id) is not target:
-            self._transfer_failed(target, a, t.waiter.error or "request already started")
-            return
-        start = target.num_computed
-        slots = self.engine.kv.slots(target.page_ids, start, a.end)
-        for layer, buffer in enumerate(t.buffers):
-            self.engine.kv.write(layer, slots, buffer[:, start - a.begin:])
-        self.engine.kv_received(target, a.end)
-        self.counters["kv_bytes_received"] += t.nbytes
-        self._reply(TransferDone(a.call_id, True, t.nbytes))
+    def _landed(self, piece: KVPiece, buffers: list, error: str | None) -> None:
+        call = self.receiving[piece.call_id]
+        if not call.failed:
+            if error or self.reservations.get(piece.request_id) is not call.target:
+                self._fail_call(piece.call_id, piece.request_id,
+                                error or "request already started")
+            else:
+                self._write_piece(call.target, piece, buffers)
+                call.nbytes += nbytes(buffers)
+                self.counters["kv_bytes_received"] += nbytes(buffers)
+                if piece.last:
+                    self._reply(TransferDone(piece.call_id, True, call.nbytes))
+        if piece.last:
+            del self.receiving[piece.call_id]
+
+    def _write_piece(self, target: Sequence, piece: KVPiece, buffers: list) -> None:
+        start = max(piece.begin, target.num_computed)     # never rewrite prefix-cache pages
+        if start < piece.end:
+            slots = self.engine.kv.slots(target.page_ids, start, piece.end)
+            for layer, buffer in enumerate(buffers):
+                self.engine.kv.write(layer, slots, buffer[:, start - piece.begin:])
+        self.engine.kv_received(target, piece.end)
 
     # ---- start_generate -----------------------------------------------------------------------
     def _start_generate(self, call: Call) -> None:

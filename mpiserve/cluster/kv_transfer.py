@@ -47,43 +47,59 @@ class WorkWaiter:
 
 @dataclass
 class OutgoingTransfer:
-    """KV of prompt[begin:end] of `seq` going to rank `dest`; layers are sent as computed."""
+    """KV of prompt[begin:end] of `seq` going to rank `dest`, sent piece by piece as the prefill
+    computes it; positions [begin, sent_upto) are announced already."""
     call_id: int
     request_id: str
     seq: Sequence
     dest: int
     begin: int
     end: int
-    slots: torch.Tensor | None = None
+    sent_upto: int = -1
     buffers: list = field(default_factory=list)
     works: list = field(default_factory=list)
     waiter: WorkWaiter | None = None
 
+    def __post_init__(self):
+        self.sent_upto = self.begin
+
     def send_layer(self, buffer: torch.Tensor) -> None:
         self.buffers.append(buffer)                  # kept alive until the send completes
         self.works.append(dist.isend(buffer, self.dest))
+
 
     def start_waiting(self, timeout_s: float) -> None:
         self.waiter = WorkWaiter(self.works, timeout_s)
 
 
 @dataclass
-class IncomingTransfer:
-    """Receives posted for one announcement; `target` is None when the data is unusable
-    (it is still received, to keep the pair's order)."""
+class IncomingCall:
+    """A remote_send arriving in pieces into the reservation `target`."""
+    target: Sequence | None
+    expected: int | None = None         # where the next piece must begin
+    nbytes: int = 0
+    failed: bool = False                # reported; later pieces are drained and dropped
+
+
+@dataclass
+class IncomingStep:
+    """Receives posted for one announcement (always posted, to keep the pair's order);
+    `buffers[i]` holds piece i's layers."""
     source: int
     announce: KVAnnounce
-    target: Sequence | None
-    buffers: list
+    buffers: list[list[torch.Tensor]]
     waiter: WorkWaiter
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers)
 
 
 def post_receives(source: int, announce: KVAnnounce, device) -> tuple[list, list]:
+    """Receive buffers per piece and the works, posted layer-major like the sender's sends."""
     dtype = getattr(torch, announce.dtype)
-    buffers = [torch.empty(announce.layer_shape, dtype=dtype, device=device)
-               for _ in range(announce.num_layers)]
-    return buffers, [dist.irecv(buffer, source) for buffer in buffers]
+    buffers = [[torch.empty(announce.layer_shape(piece), dtype=dtype, device=device)
+                for _ in range(announce.num_layers)] for piece in announce.pieces]
+    works = [dist.irecv(buffers[i][layer], source)
+             for layer in range(announce.num_layers) for i in range(len(announce.pieces))]
+    return buffers, works
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)

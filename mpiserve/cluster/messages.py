@@ -95,15 +95,36 @@ class Fatal:
 
 # ---- engine -> engine --------------------------------------------------------------------
 @dataclass(frozen=True)
-class KVAnnounce:
-    """Sent by the sender before it posts its point-to-point sends (one per layer, in layer
-    order), so the receiver posts matching receives in the same order (NCCL ignores tags)."""
+class KVPiece:
+    """Positions [begin, end) of one remote_send's range; `last` marks its final piece."""
     call_id: int
     request_id: str
     begin: int
     end: int
-    layer_shape: tuple[int, ...]        # [2, end - begin, kv_heads, head_dim]
+    last: bool
+
+
+@dataclass(frozen=True)
+class KVAnnounce:
+    """Sent by a sender before it posts the point-to-point sends of one prefill step to one
+    receiver: for each layer in order, one send per piece in order (layer-major). The receiver
+    posts its receives in the same order, so both sides agree without tags (NCCL ignores them).
+
+    A remote_send's range arrives as consecutive pieces, one per prefill step of the sender, so
+    each piece streams while the sender computes the next.
+    """
+    pieces: tuple[KVPiece, ...]
+    token_shape: tuple[int, ...]        # [kv_heads, head_dim]: a piece's layer is [2, n, *this]
     dtype: str
     num_layers: int
-    ok: bool = True                     # False: the sender failed; no data follows
-    reason: str = ""
+
+    def layer_shape(self, piece: KVPiece) -> tuple[int, ...]:
+        return (2, piece.end - piece.begin, *self.token_shape)
+
+
+@dataclass(frozen=True)
+class KVAbandon:
+    """The sender will send nothing for this remote_send (it failed); the receiver recomputes."""
+    call_id: int
+    request_id: str
+    reason: str
