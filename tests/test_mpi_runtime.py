@@ -300,6 +300,18 @@ def test_prefix_aware_sends_only_what_the_receiver_lacks(tmp_path, model_dir, si
     assert m["repeat"]["strategy"] == "prefix_hit" and m["repeat"]["engines"] == [2], m
 
 
+# ---- KV streamed in pieces while the sender's prefill proceeds chunk by chunk -----------------
+def test_chunked_prefill_streams_kv_in_pieces(tmp_path, model_dir, batch, kv_bytes_per_token):
+    """A 16-token step budget splits every prompt's prefill, so each transfer comes in several
+    pieces and one step carries pieces of several requests to the same receiver."""
+    result, by_id = serve(tmp_path, model_dir, batch["lines"], "--max-batch-tokens", 16,
+                          router="pd")
+    assert_same_outputs(by_id, batch["expected"], result)
+    for custom_id, record in by_id.items():
+        sent = len(batch["prompt_ids"][custom_id]) - 1
+        assert metrics(record)["kv_bytes"] == sent * kv_bytes_per_token, metrics(record)
+
+
 # ---- 5: a failed transfer falls back to recomputing -------------------------------------------
 def test_failed_transfers_fall_back_to_recompute(tmp_path, model_dir, batch):
     result, by_id = serve(tmp_path, model_dir, batch["lines"], "--fail-transfers", 100,
