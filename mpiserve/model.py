@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from mpiserve.kernels import paged_decode_attention
 
 from .model_config import ModelConfig
-from .rope import RotaryTable
+from .rope import RotaryTable, rotate
 
 
 @dataclass
@@ -93,9 +93,10 @@ class Transformer:
                 after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Writes the batch's K/V into `kv_layers`; returns float32 logits [S, vocab]."""
         x = F.embedding(batch.input_ids, self.embed)             # [T, hidden]
+        angles = self.rotary.lookup(batch.positions, x.dtype)
         for index, layer in enumerate(self.layers):
             x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.config.rms_norm_eps),
-                                    batch, kv_layers[index])
+                                    batch, kv_layers[index], angles)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.config.rms_norm_eps))
             if after_layer is not None:
                 after_layer(index)
@@ -108,7 +109,7 @@ class Transformer:
         return F.linear(F.silu(gate) * up, layer.down)
 
     def _attention(self, layer: _Layer, x: torch.Tensor, batch: ForwardBatch,
-                   kv: torch.Tensor) -> torch.Tensor:
+                   kv: torch.Tensor, angles) -> torch.Tensor:
         c = self.config
         heads, kv_heads, dim = c.num_heads, c.num_kv_heads, c.head_dim
         qkv = F.linear(x, layer.qkv, layer.qkv_bias)
@@ -117,8 +118,7 @@ class Transformer:
         if layer.q_norm is not None:
             q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
-        q = self.rotary.apply(q, batch.positions)
-        k = self.rotary.apply(k, batch.positions)
+        q, k = rotate(q, *angles), rotate(k, *angles)
         flat = kv.view(2, -1, kv_heads, dim)                     # [2, slots, KVH, D]
         flat[0].index_copy_(0, batch.slots, k)
         flat[1].index_copy_(0, batch.slots, v)
