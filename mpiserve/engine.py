@@ -23,7 +23,6 @@ from .sequence import Sequence
 from .stopping import finish_reason
 from .tokenizer import Tokenizer
 
-
 LayerHookFactory = Callable[[list[Chunk]], Callable[[int], None] | None]
 
 
@@ -42,7 +41,8 @@ def pick_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig = EngineConfig()):
+    def __init__(self, config: EngineConfig | None = None):
+        config = config or EngineConfig()
         torch.set_num_threads(config.torch_threads)
         self.config = config
         self.model_dir = config.model or str(demo_model_dir())
@@ -51,7 +51,8 @@ class Engine:
         weights = {name: t.to(self.device) for name, t in weights.items()}
         self.dtype = weights["model.embed_tokens.weight"].dtype
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.eos_ids = tuple(set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids))
+        self.eos_ids = tuple(set(self.tokenizer.eos_token_ids)
+                             | set(self.model_config.eos_token_ids))
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.model = Transformer(self.model_config, weights, self.max_model_len)
         num_pages = config.num_pages or pages_for_budget(

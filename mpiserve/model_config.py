@@ -113,7 +113,7 @@ class _ConfigFields:
 
 
 def _rope_settings(fields: _ConfigFields) -> tuple[float, dict | None]:
-    """(theta, scaling) from either transformers-5 `rope_parameters` or `rope_theta`+`rope_scaling`."""
+    """(theta, scaling) from transformers-5 `rope_parameters` or `rope_theta` + `rope_scaling`."""
     params = fields.raw.get("rope_parameters")
     if isinstance(params, dict):
         theta = float(params.get("rope_theta", fields.get("rope_theta", float, default=10000.0)))

@@ -23,11 +23,13 @@ def chain_hash(parent: int, tokens) -> int:
 class PagePool:
     def __init__(self, num_pages: int, page_size: int):
         if num_pages < 1 or page_size < 1:
-            raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")
+            raise ValueError(f"need num_pages >= 1 and page_size >= 1, "
+                             f"got {num_pages}, {page_size}")
         self.num_pages = num_pages
         self.page_size = page_size
         self._free = list(range(num_pages - 1, -1, -1))     # stack; pops page 0 first
-        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced pages with a hash, LRU first
+        # unreferenced pages that keep a hash, least recently used first
+        self._cached: OrderedDict[int, None] = OrderedDict()
         self._refs = [0] * num_pages
         self._hash_of: dict[int, int] = {}                   # page -> hash
         self._tokens_of: dict[int, tuple[int, ...]] = {}     # page -> tokens (collision check)

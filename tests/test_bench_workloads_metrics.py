@@ -9,11 +9,24 @@ import pytest
 
 from mpiserve.batch_input import read_batch
 from mpiserve.bench.metrics import percentile, summarize
-from mpiserve.bench.serving import (RouterRun, markdown, merge_rows, parse_rates, parse_routers,
-                                    run_arguments)
-from mpiserve.bench.workloads import (FIRST_TOKEN_ID, QUICK_WORKLOADS, WARMUP_PREFIX, WORKLOADS,
-                                      batch_record, make_requests, poisson_arrivals,
-                                      with_warmup)
+from mpiserve.bench.serving import (
+    RouterRun,
+    markdown,
+    merge_rows,
+    parse_rates,
+    parse_routers,
+    run_arguments,
+)
+from mpiserve.bench.workloads import (
+    FIRST_TOKEN_ID,
+    QUICK_WORKLOADS,
+    WARMUP_PREFIX,
+    WORKLOADS,
+    batch_record,
+    make_requests,
+    poisson_arrivals,
+    with_warmup,
+)
 
 
 # ---- workloads ----------------------------------------------------------------------------------

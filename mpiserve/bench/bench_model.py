@@ -52,12 +52,13 @@ class ModelShape:
                 f"{self.max_position_embeddings}, untied embeddings; KV "
                 f"{self.kv_bytes_per_token() // 1024} KiB per token")
 
-    def config(self) -> dict:
+    def config(self, **overrides) -> dict:
+        """transformers LlamaConfig arguments; `overrides` replace or add fields."""
         fields = asdict(self)
         del fields["name"]
         return {**fields, "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": 1e-5,
                 "rope_theta": 10000.0, "tie_word_embeddings": False, "attention_bias": False,
-                "mlp_bias": False, "bos_token_id": 0, "eos_token_id": 1}
+                "mlp_bias": False, "bos_token_id": 0, "eos_token_id": 1, **overrides}
 
 
 BENCH = ModelShape("bench-llama-34m-v1", vocab_size=8192, hidden_size=512,
@@ -73,7 +74,9 @@ def bench_model_dir(shape: ModelShape = BENCH) -> Path:
     return cached_checkpoint(shape.name, lambda directory: write_model(directory, shape))
 
 
-def write_model(directory: Path, shape: ModelShape) -> None:
+def write_model(directory: Path, shape: ModelShape, **config_overrides) -> int:
+    """Save a seeded random LlamaForCausalLM of `shape` and the demo model's tokenizer into
+    `directory`; returns the parameter count."""
     try:
         import transformers
     except ImportError:
@@ -81,10 +84,14 @@ def write_model(directory: Path, shape: ModelShape) -> None:
                          "(pip install transformers), or pass --model DIR") from None
     import torch
 
-    from ..demo_model import demo_model_dir
+    from ..demo_model import VOCAB_SIZE, demo_model_dir
+    if shape.vocab_size < VOCAB_SIZE:
+        raise ValueError(f"{shape.name}: vocabulary {shape.vocab_size} is smaller than the demo "
+                         f"tokenizer's {VOCAB_SIZE}")
     torch.manual_seed(SEED)
-    config = transformers.LlamaConfig(**shape.config())
+    config = transformers.LlamaConfig(**shape.config(**config_overrides))
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES:
         shutil.copy(demo_model_dir() / name, directory / name)
+    return sum(p.numel() for p in model.parameters())

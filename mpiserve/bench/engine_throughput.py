@@ -24,49 +24,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
-import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mpiserve.bench.bench_model import ModelShape, write_model
+
 SEED = 20250102
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 FIRST_TOKEN_ID = 5                 # prompt ids are drawn from [5, tokenizer vocab): no specials
 PAD_ID = 0
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A Llama architecture; ``config()`` gives the transformers LlamaConfig arguments."""
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int
-
-    def describe(self) -> str:
-        return (f"vocab {self.vocab_size}, hidden {self.hidden_size}, "
-                f"{self.num_hidden_layers} layers, {self.num_attention_heads} heads / "
-                f"{self.num_key_value_heads} kv heads of "
-                f"{self.hidden_size // self.num_attention_heads}, intermediate "
-                f"{self.intermediate_size}, untied embeddings")
-
-    def config(self) -> dict:
-        # eos_token_id=None: generation never stops early, so transformers runs every batch to
-        # max_new_tokens without min_new_tokens (which would mask the eos logit and could
-        # change greedy choices); mpiserve runs with ignore_eos.
-        return {**asdict(self), "head_dim": self.hidden_size // self.num_attention_heads,
-                "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-                "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-                "bos_token_id": 0, "eos_token_id": None, "pad_token_id": PAD_ID}
+# no eos token: transformers runs every batch to max_new_tokens without min_new_tokens (which
+# would mask the eos logit and could change greedy choices); mpiserve runs with ignore_eos
+NO_EOS = {"eos_token_id": None, "pad_token_id": PAD_ID}
 
 
 @dataclass(frozen=True)
@@ -78,12 +54,14 @@ class Workload:
     check_prompts: int                 # first prompts compared with unpadded transformers
 
 
-FULL = (Shape(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=7,
-              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+FULL = (ModelShape("throughput-llama-29m", vocab_size=8192, hidden_size=512,
+                   intermediate_size=1408, num_hidden_layers=7, num_attention_heads=8,
+                   num_key_value_heads=4, max_position_embeddings=2048),
         Workload(num_prompts=64, prompt_lens=(64, 1024), max_tokens=(16, 256),
                  batch_sizes=(8, 16), check_prompts=4))
-QUICK = (Shape(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+QUICK = (ModelShape("throughput-llama-tiny", vocab_size=2048, hidden_size=128,
+                    intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256),
          Workload(num_prompts=8, prompt_lens=(16, 64), max_tokens=(4, 16), batch_sizes=(4, 8),
                   check_prompts=4))
 # KV budget large enough that the whole workload fits without preemption (transformers holds
@@ -93,26 +71,6 @@ ENGINE_OPTIONS = {"kv_cache_gib": 2.0, "max_num_seqs": 64, "max_batch_tokens": 1
 
 
 # ---- the model and the workload ---------------------------------------------------------------
-def build_model(directory: Path, shape: Shape) -> int:
-    """Save a seeded random LlamaForCausalLM and the demo tokenizer; returns the parameter count."""
-    import transformers
-
-    from mpiserve.demo_model import demo_model_dir
-    from mpiserve.tokenizer import Tokenizer
-
-    torch.manual_seed(SEED)
-    config = transformers.LlamaConfig(**shape.config())
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    model.save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        shutil.copy(demo_model_dir() / name, directory / name)
-    tokenizer_vocab = Tokenizer.from_dir(directory).vocab_size
-    if tokenizer_vocab > shape.vocab_size:
-        raise SystemExit(f"the tokenizer's vocabulary ({tokenizer_vocab}) exceeds the model's "
-                         f"({shape.vocab_size})")
-    return sum(p.numel() for p in model.parameters())
-
-
 def make_workload(w: Workload, tokenizer_vocab: int) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(SEED)
     lengths = [rng.randint(*w.prompt_lens) for _ in range(w.num_prompts)]
@@ -122,26 +80,37 @@ def make_workload(w: Workload, tokenizer_vocab: int) -> tuple[list[list[int]], l
 
 
 # ---- mpiserve ---------------------------------------------------------------------------------
-def run_mpiserve(model_dir: Path, prompts, max_tokens) -> dict:
+def run_mpiserve(model_dir: Path, prompts, max_tokens, repeats: int) -> dict:
+    """Time one `generate` over all prompts, `repeats` times, each on a fresh engine (a reused
+    one would serve the prompts from its prefix cache); the fastest run counts."""
     from mpiserve import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), **ENGINE_OPTIONS)
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
-    llm.generate([prompts[0][:32]], SamplingParams(max_tokens=4, temperature=0.0,
-                                                   ignore_eos=True), progress=False)   # warm-up
-    llm.engine.tokens_computed = {"prefill": 0, "decode": 0}
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, progress=False)
-    seconds = time.perf_counter() - start
-    errors = [o.error for o in outputs if o.error]
-    if errors:
-        raise SystemExit(f"mpiserve refused requests: {errors[:3]}")
-    generated = sum(len(o.token_ids) for o in outputs)
-    return {"seconds": seconds, "generated_tokens": generated,
-            "outputs": [o.token_ids for o in outputs],
-            "all_full_length": all(len(o.token_ids) == m for o, m in zip(outputs, max_tokens)),
-            "preemptions": llm.engine.scheduler.num_preemptions,
-            "tokens_computed": dict(llm.engine.tokens_computed)}
+    warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    times, first = [], None
+    for repeat in range(repeats):
+        llm = LLM(str(model_dir), **ENGINE_OPTIONS)
+        llm.generate([prompts[0][:32]], warm_up, progress=False)
+        llm.engine.tokens_computed = {"prefill": 0, "decode": 0}
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, progress=False)
+        times.append(time.perf_counter() - start)
+        print(f"  mpiserve run {repeat + 1}/{repeats}: {times[-1]:.1f} s", flush=True)
+        errors = [o.error for o in outputs if o.error]
+        if errors:
+            raise SystemExit(f"mpiserve refused requests: {errors[:3]}")
+        tokens = [o.token_ids for o in outputs]
+        if first is None:
+            first = {"outputs": tokens,
+                     "generated_tokens": sum(map(len, tokens)),
+                     "all_full_length": all(len(t) == m for t, m in zip(tokens, max_tokens)),
+                     "preemptions": llm.engine.scheduler.num_preemptions,
+                     "tokens_computed": dict(llm.engine.tokens_computed),
+                     "repeats_identical": True}
+        else:
+            first["repeats_identical"] &= tokens == first["outputs"]
+        del llm
+    return {"seconds": min(times), "seconds_all": times, **first}
 
 
 # ---- transformers -----------------------------------------------------------------------------
@@ -166,23 +135,28 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int) -> list
     return out[:, width:].tolist()
 
 
-def run_transformers(model, prompts, max_tokens, batch_size: int) -> dict:
+def run_transformers(model, prompts, max_tokens, batch_size: int, repeats: int) -> dict:
+    """Prompts sorted by length, in batches; each batch runs `repeats` times and its fastest
+    run counts (per batch: the noise of a shared machine is held against the baseline least)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     generate_batch(model, [prompts[0][:32]], 4)                                       # warm-up
     seconds, computed, padding, full_length = 0.0, 0, 0, True
     for number, batch in enumerate(batches):
         new = max(max_tokens[i] for i in batch)
-        start = time.perf_counter()
-        rows = generate_batch(model, [prompts[i] for i in batch], new)
-        elapsed = time.perf_counter() - start
-        seconds += elapsed
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            rows = generate_batch(model, [prompts[i] for i in batch], new)
+            times.append(time.perf_counter() - start)
+        seconds += min(times)
         full_length &= all(len(r) == new for r in rows)
         computed += len(batch) * new
         padding += len(batch) * max(len(prompts[i]) for i in batch) \
             - sum(len(prompts[i]) for i in batch)
         print(f"  transformers batch size {batch_size}: batch {number + 1}/{len(batches)} "
-              f"({len(batch)} prompts, max_new_tokens {new}) {elapsed:.1f} s", flush=True)
+              f"({len(batch)} prompts, max_new_tokens {new}) "
+              + ", ".join(f"{t:.1f}" for t in times) + " s", flush=True)
     useful = sum(max_tokens)
     return {"batch_size": batch_size, "seconds": seconds, "generated_tokens": useful,
             "tokens_per_s": useful / seconds, "computed_new_tokens": computed,
@@ -216,15 +190,21 @@ def markdown(r: dict) -> str:
         "",
         f"Command: `{r['command']}`",
         "",
-        f"Model: random Llama ({r['params']:,} parameters; {r['model_description']}), float32, CPU, "
-        f"{r['torch_threads']} torch thread. torch {r['torch_version']}, transformers "
-        f"{r['transformers_version']}, {r['machine']}.",
+        f"Model: random Llama ({r['params']:,} parameters; {r['model_description']}), float32, "
+        f"CPU, {r['torch_threads']} torch thread. torch {r['torch_version']}, transformers "
+        f"{r['transformers_version']}, {r['machine']}, {r['cpus']} CPUs (1-minute load "
+        f"average {r['load_average_before']} before the run, {r['load_average_after']} after).",
         "",
         f"Workload: {r['prompts']} prompts of random token ids, prompt lengths uniform "
         f"{r['prompt_lens'][0]}-{r['prompt_lens'][1]} ({r['prompt_tokens']:,} prompt tokens), "
         f"max_tokens uniform {r['max_tokens_range'][0]}-{r['max_tokens_range'][1]}, greedy, "
         f"eos ignored; {r['total_generated_tokens']:,} generated tokens credited to each side "
         "(each request's own max_tokens). Seeded: same prompts every run.",
+        "",
+        f"Timing: each side ran {r['repeats']} time(s) and its fastest counts: mpiserve's "
+        "whole `generate` call (a fresh engine each time, loading not timed), transformers' "
+        "fastest run of each batch, summed. mpiserve runs: "
+        + ", ".join(f"{t:.2f} s" for t in r["mpiserve_seconds_all"]) + ".",
         "",
         "| system | setting | seconds | tokens/s |",
         "|---|---|---:|---:|",
@@ -265,7 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model and workload: a smoke test, not a measurement")
     parser.add_argument("--out", default="results", help="output directory")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs of each side, the fastest counts (default: 2, or 1 "
+                             "with --quick)")
     args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 2)
     torch.set_num_threads(1)
     shape, workload = QUICK if args.quick else FULL
     command = " ".join(["python -m mpiserve.bench.engine_throughput",
@@ -276,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     from mpiserve.tokenizer import Tokenizer
 
     transformers.utils.logging.disable_progress_bar()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mpiserve-bench-") as tmp:
         model_dir = Path(tmp)
-        params = build_model(model_dir, shape)
+        params = write_model(model_dir, shape, **NO_EOS)
         print(f"model: {params:,} parameters ({shape.describe()})", flush=True)
         prompts, max_tokens = make_workload(workload, Tokenizer.from_dir(model_dir).vocab_size)
         total = sum(max_tokens)
@@ -286,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{total:,} tokens to generate", flush=True)
 
         print("mpiserve ...", flush=True)
-        ours = run_mpiserve(model_dir, prompts, max_tokens)
+        ours = run_mpiserve(model_dir, prompts, max_tokens, repeats)
         print(f"  mpiserve: {ours['seconds']:.1f} s, {total / ours['seconds']:.1f} tokens/s",
               flush=True)
         if ours["generated_tokens"] != total or not ours["all_full_length"]:
@@ -297,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for batch_size in workload.batch_sizes:
             print(f"transformers, batch size {batch_size} ...", flush=True)
-            runs.append(run_transformers(model, prompts, max_tokens, batch_size))
+            runs.append(run_transformers(model, prompts, max_tokens, batch_size, repeats))
             print(f"  transformers batch size {batch_size}: {runs[-1]['seconds']:.1f} s, "
                   f"{runs[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
         best = max(runs, key=lambda run: run["tokens_per_s"])
@@ -305,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         checks = check_outputs(model, prompts, max_tokens, ours["outputs"],
                                workload.check_prompts)
 
+    load_after = os.getloadavg()
     ours_tps = total / ours["seconds"]
     result = {
         "mpiserve_tokens_per_s": round(ours_tps, 2),
@@ -319,12 +305,15 @@ def main(argv: list[str] | None = None) -> None:
         "torch_threads": torch.get_num_threads(),
         "command": command,
         "quick": args.quick,
-        "model_shape": shape.config() | {"dtype": "float32"},
+        "model_shape": shape.config(**NO_EOS) | {"dtype": "float32"},
         "model_description": shape.describe(),
         "prompt_tokens": sum(map(len, prompts)),
         "prompt_lens": list(workload.prompt_lens),
         "max_tokens_range": list(workload.max_tokens),
         "seed": SEED,
+        "repeats": repeats,
+        "mpiserve_seconds_all": [round(t, 3) for t in ours["seconds_all"]],
+        "mpiserve_repeats_identical": ours["repeats_identical"],
         "mpiserve_options": ENGINE_OPTIONS,
         "mpiserve_generated_tokens": ours["generated_tokens"],
         "mpiserve_all_full_length": ours["all_full_length"],
@@ -343,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
         "machine": f"{platform.machine()} {platform.system()}",
+        "cpus": os.cpu_count(),
+        # other processes on the machine skew the timings: 1-minute load averages, for reference
+        "load_average_before": round(load_before[0], 2),
+        "load_average_after": round(load_after[0], 2),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,8 @@ def launch(argv: list[str]) -> int:
 
 
 def model_dir(args) -> str:
-    from .bench_model import BENCH, QUICK as QUICK_SHAPE, bench_model_dir
+    from .bench_model import BENCH, bench_model_dir
+    from .bench_model import QUICK as QUICK_SHAPE
     if args.model:
         return args.model
     return str(bench_model_dir(QUICK_SHAPE if args.quick else BENCH))
@@ -272,8 +273,8 @@ def markdown(result: dict) -> str:
 
 
 def worker(args, argv: list[str]) -> int:
-    from mpi4py import MPI
     import torch
+    from mpi4py import MPI
 
     from ..cluster.bringup import init_data_plane
     from ..engine import pick_device
@@ -307,7 +308,8 @@ def worker(args, argv: list[str]) -> int:
     comm.Barrier()
     _close()
     from ..engine_config import EngineConfig
-    from .bench_model import BENCH, QUICK as QUICK_SHAPE
+    from .bench_model import BENCH
+    from .bench_model import QUICK as QUICK_SHAPE
     shape = QUICK_SHAPE if args.quick else BENCH
     result = {"command": "python -m mpiserve.bench.kv_path" + (" " + shlex.join(argv) if argv
                                                                 else ""),

@@ -35,8 +35,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .workloads import (QUICK_WORKLOADS, WARMUP_PREFIX, WORKLOADS, Workload, batch_record,
-                        make_requests, with_warmup)
+from .workloads import (
+    QUICK_WORKLOADS,
+    WARMUP_PREFIX,
+    WORKLOADS,
+    Workload,
+    batch_record,
+    make_requests,
+    with_warmup,
+)
 
 SEED = 20250305
 ROW_KEYS = ("workload", "router", "rate", "mean_jct", "p99_jct", "mean_ttft", "mean_tpot",
@@ -134,9 +141,9 @@ def read_records(path: Path) -> list[dict]:
 # ---- one workload ------------------------------------------------------------------------------
 def resolve_model(args) -> tuple[str, str, int]:
     """(checkpoint directory, how the results name it, the largest usable token id + 1)."""
-    from .bench_model import BENCH, QUICK, bench_model_dir
     from ..model_config import ModelConfig
     from ..tokenizer import Tokenizer
+    from .bench_model import BENCH, QUICK, bench_model_dir
     if args.model:
         directory, label = args.model, Path(args.model).name
     else:

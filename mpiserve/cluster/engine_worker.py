@@ -14,11 +14,29 @@ from ..errors import MpiserveError
 from ..sequence import Sequence
 from .backoff import Backoff
 from .control import ControlChannel
-from .kv_transfer import (IncomingCall, IncomingStep, OutgoingTransfer, WorkWaiter, nbytes,
-                          post_receives)
+from .kv_transfer import (
+    IncomingCall,
+    IncomingStep,
+    OutgoingTransfer,
+    WorkWaiter,
+    nbytes,
+    post_receives,
+)
 from .layout import ROUTER_RANK
-from .messages import (Call, Fatal, KVAbandon, KVAddress, KVAnnounce, KVPiece, Reply, Shutdown,
-                       StatsSnapshot, TokenBatch, TokenUpdate, TransferDone)
+from .messages import (
+    Call,
+    Fatal,
+    KVAbandon,
+    KVAddress,
+    KVAnnounce,
+    KVPiece,
+    Reply,
+    Shutdown,
+    StatsSnapshot,
+    TokenBatch,
+    TokenUpdate,
+    TransferDone,
+)
 
 
 @dataclass(frozen=True)
@@ -334,7 +352,8 @@ class EngineWorker:
 
     def stats(self) -> dict:
         engine, pool = self.engine, self.engine.pool
-        return {"role": self.role, "host": self.host, "busy_s": self.busy_s, "running": len(engine.scheduler.running),
+        return {"role": self.role, "host": self.host, "busy_s": self.busy_s,
+                "running": len(engine.scheduler.running),
                 "waiting": len(engine.scheduler.waiting), "pages_used": pool.num_used,
                 "pages_total": pool.num_pages, "prefix_hit_tokens": pool.hit_tokens,
                 "prefix_query_tokens": pool.queried_tokens,

@@ -8,8 +8,15 @@ import time
 
 from ..cluster.backoff import Backoff
 from ..cluster.control import ControlChannel
-from ..cluster.messages import (Call, Fatal, Reply, StatsSnapshot, TokenBatch, TokenUpdate,
-                                TransferDone)
+from ..cluster.messages import (
+    Call,
+    Fatal,
+    Reply,
+    StatsSnapshot,
+    TokenBatch,
+    TokenUpdate,
+    TransferDone,
+)
 
 
 class EngineCallError(RuntimeError):

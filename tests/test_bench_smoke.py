@@ -1,0 +1,35 @@
+"""Smoke test of the offline throughput benchmark: `--quick` runs and writes a well-formed report
+(no timing assertions)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+NUMBERS = ("mpiserve_tokens_per_s", "transformers_tokens_per_s", "ratio", "params", "prompts",
+           "total_generated_tokens", "mpiserve_seconds", "transformers_seconds",
+           "transformers_batch_size", "torch_threads")
+
+pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_engine_throughput_quick(tmp_path, mpiserve_cache):
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "mpiserve.bench.engine_throughput", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "engine_throughput.json").read_text())
+    for key in NUMBERS:
+        assert isinstance(result[key], (int, float)) and not isinstance(result[key], bool), key
+        assert result[key] > 0, key
+    assert result["command"].startswith("python -m mpiserve.bench.engine_throughput --quick")
+    assert result["quick"] is True
+    assert result["mpiserve_generated_tokens"] == result["total_generated_tokens"]
+    assert result["transformers_batch_size"] in [r["batch_size"]
+                                                 for r in result["transformers_runs"]]
+    assert len(result["correctness"]) > 0
+    assert "| mpiserve |" in (out / "engine_throughput.md").read_text()
