@@ -41,7 +41,24 @@ def say(message: str) -> None:
     print(f"mpiserve: {message}", file=sys.stderr, flush=True)
 
 
+_stop_requested: list[int] = []     # stop signals that came before rank 0 could act on them
+
+
+def _record_stop(signum, frame) -> None:
+    _stop_requested.append(signum)
+
+
+def _defer_stop_signals() -> None:
+    """Until a rank installs its real handling (rank 0: drain; engines: ignore), a stop signal
+    is only recorded: the default action would kill the rank mid-startup and end the job
+    with a signal instead of the resumable exit 3. Calls restart after the handler runs."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record_stop)
+        signal.siginterrupt(sig, False)
+
+
 def run_job(options: JobOptions) -> int:
+    _defer_stop_signals()                 # before MPI init, model load, data plane bring-up
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -130,6 +147,7 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
     try:
         tally = asyncio.run(_serve(comm, layout, options, route, items, model_dir, config,
                                    tokenizer, output))
+        _defer_stop_signals()             # asyncio put back the defaults; the work is done
     except BaseException as exc:
         output.close()
         say(f"job failed: {exc}" if isinstance(exc, RuntimeError) else traceback.format_exc())
@@ -171,6 +189,8 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, runner.stop)
+    if _stop_requested:                   # stopped while the job was starting up
+        runner.stop()
     stop, watching = asyncio.Event(), asyncio.Event()
     pump = asyncio.create_task(dispatcher.pump(stop))
     watch = asyncio.create_task(observer.run(watching))

@@ -1,0 +1,226 @@
+"""The Slurm templates on a real one-node Slurm cluster (munged + slurmctld + slurmd started for
+the session by tests/slurm_cluster.py, torn down at the end).
+
+- the demo batch through launchers/slurm/mpiserve.sbatch completes with exit 0;
+- `scancel --batch --signal=TERM` mid-run: the job drains, exits 3, requeues itself and the
+  restarted job completes the output, with the token ids of an uninterrupted mpiexec run;
+- under mpiexec inside the allocation, launch_env's ranks agree with MPI's.
+
+Skipped, with the reason, where the daemons cannot exist (not root, packages missing:
+launchers/slurm/install-test-slurm.sh installs them). Every wait is bounded; a failure prints
+the daemons' logs and the job's log.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from batch_jobs import (
+    REPO,
+    count_lines,
+    input_ids,
+    read_records,
+    reference_tokens,
+    tokens_by_id,
+    write_requests,
+)
+from slurm_cluster import FINAL_STATES, SlurmCluster, SlurmError
+
+TEMPLATES = REPO / "launchers" / "slurm"
+SBATCH = TEMPLATES / "mpiserve.sbatch"
+DEMO_INPUT = REPO / "launchers" / "demo" / "requests.jsonl"
+JOB_TIMEOUT_S = 300
+BODY_MARKER = "# ---- the same in every template of launchers/slurm"
+
+
+# ---- the templates themselves (no cluster needed) ---------------------------------------
+def test_templates_parse_and_share_one_body():
+    templates = sorted(TEMPLATES.glob("*.sbatch"))
+    assert {t.name for t in templates} >= {"mpiserve.sbatch", "mpiserve-multinode.sbatch",
+                                           "mpiserve-gpu.sbatch"}
+    bodies = set()
+    for template in templates:
+        text = template.read_text()
+        for directive in ("--signal=B:TERM@120", "--requeue", "--open-mode=append"):
+            assert f"#SBATCH {directive}" in text, f"{template.name} lacks {directive}"
+        check = subprocess.run(["bash", "-n", str(template)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{template.name}: {check.stderr}"
+        head, marker, body = text.partition(BODY_MARKER)
+        assert marker, f"{template.name} lacks the common body marker"
+        assert "#SBATCH" not in body, f"{template.name}: #SBATCH after the first command"
+        bodies.add(body)
+    assert len(bodies) == 1, "the templates' bodies differ; keep them the same"
+    gpu = (TEMPLATES / "mpiserve-gpu.sbatch").read_text()
+    assert "--gres=gpu" in gpu and "--gpus-per-task=1" in gpu
+    for script in [REPO / "launchers" / "mpiserve-local", TEMPLATES / "install-test-slurm.sh"]:
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{script.name}: {check.stderr}"
+
+
+# ---- the cluster -----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = SlurmCluster.unavailable()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    started = time.monotonic()
+    try:
+        cluster.start()
+    except SlurmError as exc:
+        pytest.fail(str(exc))
+    cluster.start_seconds = time.monotonic() - started
+    yield cluster
+    cluster.stop()
+
+
+def job_env(mpiserve_cache) -> dict:
+    """What the job needs besides sbatch's exported environment: the test's model cache and
+    this venv (the template activates it)."""
+    return {"MPISERVE_CACHE": str(mpiserve_cache), "MPISERVE_VENV": sys.prefix,
+            "OMP_NUM_THREADS": "1"}
+
+
+def submit(slurm: SlurmCluster, workdir: Path, log: Path, *args, env: dict,
+           script: Path = SBATCH, ranks: int = 3) -> int:
+    return slurm.sbatch("-n", str(ranks), f"--output={log}", "--job-name=mpiserve-test",
+                        str(script), *map(str, args), cwd=workdir, env=env)
+
+
+def diagnose(slurm: SlurmCluster, job_id: int | None, log: Path) -> str:
+    parts = []
+    if job_id is not None:
+        try:
+            parts.append(f"--- scontrol show job {job_id}\n" + slurm.scontrol("show", "job",
+                                                                               str(job_id)))
+        except (SlurmError, subprocess.TimeoutExpired) as exc:
+            parts.append(f"--- scontrol show job {job_id} failed: {exc}")
+    try:
+        parts.append(f"--- job log {log.name}\n" + log.read_text(errors="replace")[-6000:])
+    except OSError:
+        parts.append(f"--- no job log at {log}")
+    parts.append(slurm.logs())
+    return "\n".join(parts)
+
+
+def wait_job(slurm, job_id, log, timeout=JOB_TIMEOUT_S, until=None) -> dict:
+    try:
+        return slurm.wait_job(job_id, timeout, until=until)
+    except (TimeoutError, SlurmError) as exc:
+        text = diagnose(slurm, job_id, log)
+        slurm.run("scancel", str(job_id), check=False)
+        pytest.fail(f"{exc}\n{text}")
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("launcher", ["mpiexec", "srun"])
+def test_demo_batch_through_the_sbatch_template(slurm, tmp_path, mpiserve_cache, launcher):
+    """The template's default launcher (the venv's mpiexec) and its alternative (srun
+    --mpi=pmi2, when this Slurm has the plugin)."""
+    if launcher == "srun":
+        plugins = slurm.run("srun", "--mpi=list", check=False)
+        if "pmi2" not in plugins.stdout + plugins.stderr:
+            pytest.skip("this Slurm has no mpi/pmi2 plugin")
+    output, log = tmp_path / "demo-out.jsonl", tmp_path / "job.log"
+    started = time.monotonic()
+    job_id = submit(slurm, tmp_path, log, "--prefill", 1, "--decode", 1, "--router",
+                    "balanced_pd", "--input", DEMO_INPUT, "--output", output.name,
+                    env={**job_env(mpiserve_cache), "MPISERVE_LAUNCHER": launcher})
+    info = wait_job(slurm, job_id, log)
+    seconds = time.monotonic() - started
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"{info['JobState']} {info['ExitCode']}\n{diagnose(slurm, job_id, log)}"
+    records = read_records(output)
+    tokens = tokens_by_id(records)               # one record per custom_id, none an error
+    assert sorted(tokens) == sorted(input_ids(DEMO_INPUT)), diagnose(slurm, job_id, log)
+    assert all(tokens.values())
+    assert f"mpiserve-sbatch[{job_id}]: finished with exit 0" in log.read_text()
+    print(f"demo batch under sbatch ({launcher}): {seconds:.1f} s (cluster up in "
+          f"{slurm.start_seconds:.1f} s)")
+
+
+def test_sigterm_requeues_and_the_job_resumes(slurm, tmp_path, tmp_path_factory,
+                                               mpiserve_cache):
+    source = write_requests(tmp_path / "in.jsonl")
+    reference = reference_tokens(source, tmp_path_factory.mktemp("reference"))
+    output, log = tmp_path / "out.jsonl", tmp_path / "job.log"
+    started = time.monotonic()
+    job_id = submit(slurm, tmp_path, log, "--prefill", 1, "--decode", 1, "--router",
+                    "balanced_pd", "--max-inflight", 1, "--input", source.name,
+                    "--output", output.name, env=job_env(mpiserve_cache))
+
+    # a few records written, then the stop the time limit would send (--signal=B:TERM)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while count_lines(output) < 3:
+        state = slurm.job(job_id).get("JobState")
+        if state in FINAL_STATES or time.monotonic() > deadline:
+            pytest.fail(f"job {state} before its output had 3 lines\n"
+                        f"{diagnose(slurm, job_id, log)}")
+        time.sleep(0.2)
+    slurm.run("scancel", "--batch", "--signal=TERM", str(job_id))
+    signalled = time.monotonic()
+
+    states = []
+
+    def note(info):
+        state = (info.get("JobState"), info.get("Restarts"))
+        if not states or states[-1] != state:
+            states.append(state)
+        return info.get("JobState") in FINAL_STATES
+
+    info = wait_job(slurm, job_id, log, until=note)
+    seconds = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    detail = f"states {states}\n{diagnose(slurm, job_id, log)}"
+    assert "stopped by a signal" in text, detail
+    assert "(exit 3); requeueing" in text, detail
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", detail
+    assert info["Restarts"] == "1", detail
+    assert ("PENDING", "1") in states, detail           # it went back to the queue
+    assert text.count("]: start (restart ") == 2, detail
+
+    tokens = tokens_by_id(read_records(output))          # exactly one record per custom_id
+    assert sorted(tokens) == sorted(input_ids(source)), detail
+    different = [key for key in reference if tokens[key] != reference[key]]
+    assert not different, f"token ids differ from the uninterrupted run for {different}"
+    print(f"requeue/resume under Slurm: {seconds:.1f} s in all, "
+          f"{time.monotonic() - signalled:.1f} s from SIGTERM to completion; states {states}")
+
+
+PROBE = """
+import json, os, sys
+from mpi4py import MPI
+from mpiserve.cluster.bringup import node_local_rank
+from mpiserve.cluster.launch_env import launcher_local_rank, launcher_rank, launcher_source
+comm = MPI.COMM_WORLD
+row = {"mpi": comm.Get_rank(), "local": node_local_rank(comm), "launcher": launcher_rank(),
+       "launcher_local": launcher_local_rank(), "source": launcher_source(),
+       "slurm_procid": os.environ.get("SLURM_PROCID")}
+with open(os.path.join(sys.argv[1], f"rank{comm.Get_rank()}.json"), "w") as out:
+    json.dump(row, out)
+"""
+
+
+def test_launch_env_agrees_with_mpi_inside_an_allocation(slurm, tmp_path, mpiserve_cache):
+    """mpiexec inside sbatch: every rank inherits SLURM_PROCID of the batch step, so the
+    launcher's own PMI_RANK must win (and node_local_rank's cross-check stay silent)."""
+    script, log = tmp_path / "probe.sbatch", tmp_path / "probe.log"
+    (tmp_path / "probe.py").write_text(PROBE)
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    script.write_text(f"#!/bin/bash\n{mpiexec} -n $SLURM_NTASKS {sys.executable} "
+                      f"{tmp_path / 'probe.py'} {tmp_path}\n")
+    job_id = slurm.sbatch("-n", "3", f"--output={log}", str(script), cwd=tmp_path,
+                          env=job_env(mpiserve_cache))
+    info = wait_job(slurm, job_id, log, timeout=120)
+    assert info["JobState"] == "COMPLETED", diagnose(slurm, job_id, log)
+    assert "warning" not in log.read_text(), diagnose(slurm, job_id, log)
+    rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(3)]
+    for row in rows:
+        assert row["launcher"] == row["mpi"] and row["source"] == "PMI_RANK", rows
+        assert row["launcher_local"] == row["local"] == row["mpi"], rows
+    assert {row["slurm_procid"] for row in rows} == {"0"}, rows   # why Slurm's comes last
