@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what tests/test_slurm.py needs for its one-node Slurm cluster: slurmctld, slurmd,
-# the Slurm client commands and munge, from the distribution's packages (Debian/Ubuntu).
+# the Slurm client commands and munge, from the distribution's packages (Debian/Ubuntu); and
+# tmux, in which tests/test_dashboard.py watches the live dashboard in a real terminal.
 #
 # Idempotent, and never fatal: does nothing when the commands are already there, and only
 # prints why it did not install them when it cannot (not root, no apt-get, no network). The
@@ -13,16 +14,17 @@ command -v slurmctld >/dev/null 2>&1 || needed+=(slurmctld)
 command -v slurmd >/dev/null 2>&1 || needed+=(slurmd)
 command -v sbatch >/dev/null 2>&1 || needed+=(slurm-client)
 command -v munged >/dev/null 2>&1 || needed+=(munge)
+command -v tmux >/dev/null 2>&1 || needed+=(tmux)
 if [ ${#needed[@]} -eq 0 ]; then
-    echo "install-test-slurm: slurmctld, slurmd, slurm-client and munge are installed"
+    echo "install-test-slurm: slurmctld, slurmd, slurm-client, munge and tmux are installed"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-    echo "install-test-slurm: not root; not installing ${needed[*]} (the Slurm tests will skip)"
+    echo "install-test-slurm: not root; not installing ${needed[*]} (the tests that need them will skip)"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-test-slurm: no apt-get; not installing ${needed[*]} (the Slurm tests will skip)"
+    echo "install-test-slurm: no apt-get; not installing ${needed[*]} (the tests that need them will skip)"
     exit 0
 fi
 echo "install-test-slurm: installing ${needed[*]}"
@@ -38,6 +40,6 @@ status=0
     || status=$?
 [ "$made_policy" -eq 1 ] && rm -f "$policy"
 if [ "$status" -ne 0 ]; then
-    echo "install-test-slurm: apt-get failed (exit $status); the Slurm tests will skip"
+    echo "install-test-slurm: apt-get failed (exit $status); the tests that need them will skip"
 fi
 exit 0
