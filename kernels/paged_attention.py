@@ -4,15 +4,33 @@ One query token per sequence attends to every cached position of that sequence. 
 of one layer is ``kv[2, num_pages, page_size, num_kv_heads, head_dim]`` (0 = K, 1 = V) and
 ``page_table[b]`` lists the pages of sequence ``b`` in order. Query head ``h`` reads kv
 head ``h // (H // KVH)`` (grouped-query attention). Both paths compute in float32 with a
-max-subtracted softmax, so they agree with each other to float32 rounding.
+max-subtracted softmax; they agree to a few float32 roundings (the numba kernel sums dot
+products and exponentials in SIMD lanes, so not in the reference's order).
 """
 
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
-_KEY_BLOCK = 32  # positions whose keys are transposed together in the numba kernel
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
+_PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
+_LINE = 16  # float32 elements per 64-byte cache line
+# Lets LLVM reorder the sums of dot products and of exponentials into SIMD lanes and fuse
+# multiply-adds; no other fast-math licence (NaN and inf keep IEEE semantics).
+_SIMD = {"reassoc", "contract"}
+
+# expf by Cody-Waite range reduction and the Cephes polynomial (within 1 ulp of exp for
+# arguments in [_EXP_FLOOR, 0]); written out so that it vectorises, which libm's does not.
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)  # ln 2 in 9 significant bits: n * _LN2_HI is exact
+_LN2_LO = np.float32(-2.12194440e-4)  # ln 2 - _LN2_HI
+_EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3),
+             np.float32(8.3334519073e-3), np.float32(4.1665795894e-2),
+             np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
+_EXP_FLOOR = np.float32(-87.33654)  # ln(FLT_MIN); exp of anything below is taken as 0
 
 
 def paged_decode_attention_reference(q, kv, page_table, context_lens, scale):
@@ -41,6 +59,24 @@ def paged_decode_attention_reference(q, kv, page_table, context_lens, scale):
     return out.reshape(batch, heads, dim).to(q.dtype)
 
 
+@intrinsic
+def _prefetch(typingctx, array, offset):
+    """Ask the CPU to fetch the cache line holding element ``offset`` of a contiguous
+    ``array`` (``llvm.prefetch``: read, keep in all cache levels)."""
+    sig = types.void(array, types.intp)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_ptr)
+        builder.call(fn, [address] + [ir.Constant(i32, flag) for flag in (0, 3, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, fastmath=False)
 def _check_pages(pages, length, page_size, num_pages):
     """Raise unless the first ``ceil(length / page_size)`` page ids are valid."""
@@ -53,108 +89,157 @@ def _check_pages(pages, length, page_size, num_pages):
 
 
 @numba.njit(cache=True, fastmath=False)
-def _attention_scores(queries, keys, pages, length, scale, scores):
-    """``scores[h, t] = scale * (queries[h] . key(t, h // group))`` for every position.
+def _pages_ahead(rows):
+    """How many pages ahead of the one being read to prefetch: enough for
+    ``_PREFETCH_AHEAD`` elements, at least one."""
+    page = rows.shape[1] * rows.shape[2] * rows.shape[3]
+    return max(1, (_PREFETCH_AHEAD + page - 1) // page)
 
-    Keys are copied ``_KEY_BLOCK`` positions at a time into a transposed
-    ``[KVH, D, block]`` scratch, so each dot product still sums over ``d`` in order while
-    the positions of a block run side by side in SIMD lanes.
+
+@numba.njit(cache=True, fastmath=False, inline="always")
+def _prefetch_row(row):
+    """Prefetch every cache line of one contiguous ``[KVH, D]`` cache row."""
+    for i in range(0, row.size, _LINE):
+        _prefetch(row, i)
+
+
+@numba.njit(cache=True, fastmath=_SIMD)
+def _attention_scores(queries, keys, pages, length, scale, scores, peaks):
+    """``scores[h, t] = scale * (queries[h] . key(t, h // group))`` and ``peaks[h]`` the
+    row maxima.
+
+    Walks the positions in order and reads each position's key row (all kv heads) once,
+    serving every query head of each kv head from it; the row of the same slot
+    ``_pages_ahead`` pages on is prefetched meanwhile.
     """
-    kv_heads, dim = keys.shape[2], keys.shape[3]
+    kv_heads, page_size = keys.shape[2], keys.shape[1]
     group = queries.shape[0] // kv_heads
-    scratch = np.empty((kv_heads, dim, _KEY_BLOCK), dtype=np.float32)
-    for start in range(0, length, _KEY_BLOCK):
-        keys_t = scratch[:, :, :min(_KEY_BLOCK, length - start)]
-        _transpose_keys(keys, pages, start, keys_t)
-        for h in range(queries.shape[0]):
-            out = scores[h, start:start + keys_t.shape[2]]
-            _block_scores(queries[h], keys_t[h // group], scale, out)
+    used = (length + page_size - 1) // page_size
+    ahead = _pages_ahead(keys)
+    peaks[:] = -np.inf
+    for p in range(used):
+        page = keys[pages[p]]
+        for s in range(min(page_size, length - p * page_size)):
+            if p + ahead < used:
+                _prefetch_row(keys[pages[p + ahead], s])
+            t = p * page_size + s
+            for k in range(kv_heads):
+                key = page[s, k]
+                for h in range(k * group, (k + 1) * group):
+                    score = _dot(queries[h], key) * scale
+                    scores[h, t] = score
+                    peaks[h] = max(peaks[h], score)
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _transpose_keys(keys, pages, start, keys_t):
-    """``keys_t[:, :, i]`` = keys of position ``start + i``, read through the page table."""
-    page_size = keys.shape[1]
-    for i in range(keys_t.shape[2]):
-        position = start + i
-        key = keys[pages[position // page_size], position % page_size]
-        for k in range(key.shape[0]):
-            for d in range(key.shape[1]):
-                keys_t[k, d, i] = key[k, d]
+@numba.njit(cache=True, fastmath=_SIMD, inline="always")
+def _dot(a, b):
+    total = np.float32(0.0)
+    for d in range(a.shape[0]):
+        total += a[d] * b[d]
+    return total
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _block_scores(query, keys_t, scale, out):
-    """``out[i] = scale * sum_d query[d] * keys_t[d, i]``, summed in order of ``d``."""
-    out[:] = 0.0
-    for d in range(keys_t.shape[0]):
-        weight = query[d]
-        column = keys_t[d]
-        for i in range(out.shape[0]):
-            out[i] += weight * column[i]
-    for i in range(out.shape[0]):
-        out[i] *= scale
+@numba.njit(cache=True, fastmath={"contract"})
+def _exp_parts(row, peak, exponent):
+    """``exp(row - peak)`` split in two: ``row`` becomes ``e^r`` with ``|r| <= ln2 / 2``
+    and ``exponent`` the float32 bit pattern of ``2^n``, ``n = round((row - peak) / ln2)``.
+    Arguments below ``_EXP_FLOOR`` give 0; NaN stays NaN."""
+    for t in range(row.shape[0]):
+        x = row[t] - peak
+        clamped = _EXP_FLOOR if x < _EXP_FLOOR else x
+        n = np.floor(clamped * _LOG2E + np.float32(0.5))
+        r = clamped - n * _LN2_HI - n * _LN2_LO
+        poly = _EXP_POLY[0]
+        for c in _EXP_POLY[1:]:
+            poly = poly * r + c
+        row[t] = np.float32(0.0) if x < _EXP_FLOOR else poly * (r * r) + r + np.float32(1.0)
+        exponent[t] = (np.int32(n) + np.int32(127)) << 23
 
 
-@numba.njit(cache=True, fastmath=False)
-def _softmax_rows(scores):
-    """Max-subtracted softmax of each row of ``scores``, in place."""
+@numba.njit(cache=True, fastmath=_SIMD)
+def _softmax_numerators(scores, peaks, exponent, totals):
+    """``scores[h] = exp(scores[h] - peaks[h])`` in place and ``totals[h]`` their sum,
+    summed ``_SUM_BLOCK`` positions at a time. ``exponent`` is int32 scratch of a row's
+    length."""
+    length = scores.shape[1]
+    powers = exponent.view(np.float32)
     for h in range(scores.shape[0]):
         row = scores[h]
-        peak = row.max()
+        _exp_parts(row, peaks[h], exponent)
         total = np.float32(0.0)
-        for start in range(0, row.shape[0], _SUM_BLOCK):
+        for start in range(0, length, _SUM_BLOCK):
             part = np.float32(0.0)
-            for t in range(start, min(start + _SUM_BLOCK, row.shape[0])):
-                row[t] = np.exp(row[t] - peak)
+            for t in range(start, min(start + _SUM_BLOCK, length)):
+                row[t] *= powers[t]
                 part += row[t]
             total += part
-        for t in range(row.shape[0]):
-            row[t] /= total
+        totals[h] = total
 
 
-@numba.njit(cache=True, fastmath=False)
-def _weighted_values(probs, values, pages, out):
-    """``out[h] = sum_t probs[h, t] * value(t, h // group)``, in blocks of positions."""
+@numba.njit(cache=True, fastmath=_SIMD)
+def _weighted_values(weights, values, pages, length, part, out):
+    """``out[h] = sum_t weights[h, t] * value(t, h // group)``.
+
+    Same walk as :func:`_attention_scores` over the value rows; each block of
+    ``_SUM_BLOCK`` positions is summed into ``part`` before joining ``out``.
+    """
+    kv_heads, page_size = values.shape[2], values.shape[1]
+    group = weights.shape[0] // kv_heads
+    used = (length + page_size - 1) // page_size
+    ahead = _pages_ahead(values)
     out[:] = 0.0
-    part = np.empty_like(out)
-    for start in range(0, probs.shape[1], _SUM_BLOCK):
-        part[:] = 0.0
-        _add_weighted_values(probs, values, pages, start, part)
-        for h in range(out.shape[0]):
-            for d in range(out.shape[1]):
-                out[h, d] += part[h, d]
+    part[:] = 0.0
+    for p in range(used):
+        page = values[pages[p]]
+        for s in range(min(page_size, length - p * page_size)):
+            if p + ahead < used:
+                _prefetch_row(values[pages[p + ahead], s])
+            t = p * page_size + s
+            for k in range(kv_heads):
+                value = page[s, k]
+                for h in range(k * group, (k + 1) * group):
+                    _axpy(weights[h, t], value, part[h])
+            if (t + 1) % _SUM_BLOCK == 0 or t + 1 == length:
+                for h in range(out.shape[0]):
+                    for d in range(out.shape[1]):
+                        out[h, d] += part[h, d]
+                        part[h, d] = 0.0
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _add_weighted_values(probs, values, pages, start, out):
-    """``out[h] += probs[h, t] * value(t, h // group)`` for one block of positions."""
-    page_size = values.shape[1]
-    group = probs.shape[0] // values.shape[2]
-    for t in range(start, min(start + _SUM_BLOCK, probs.shape[1])):
-        value = values[pages[t // page_size], t % page_size]
-        for h in range(probs.shape[0]):
-            weight = probs[h, t]
-            head_value = value[h // group]
-            row = out[h]
-            for d in range(row.shape[0]):
-                row[d] += weight * head_value[d]
+@numba.njit(cache=True, fastmath=_SIMD, inline="always")
+def _axpy(weight, x, acc):
+    for d in range(acc.shape[0]):
+        acc[d] += weight * x[d]
 
 
 @numba.njit(cache=True, fastmath=False)
 def _decode_kernel(q, kv, page_table, context_lens, scale, out):
     """Fill ``out[B, H, D]`` with paged decode attention, reading K/V in place.
 
-    Each position's K and V rows (all kv heads) are read once, in position order.
+    Per sequence: scores from the key rows, softmax numerators and their sums, the
+    weighted sum of the value rows, then one division per output element. Each sequence
+    is computed on its own, so its result does not depend on the rest of the batch.
     """
+    heads, dim = q.shape[1], q.shape[2]
+    longest = 1
+    for b in range(q.shape[0]):
+        longest = max(longest, context_lens[b])
+    scores_buf = np.empty(heads * longest, dtype=np.float32)
+    exponent_buf = np.empty(longest, dtype=np.int32)
+    peaks = np.empty(heads, dtype=np.float32)
+    totals = np.empty(heads, dtype=np.float32)
+    part = np.empty((heads, dim), dtype=np.float32)
     for b in range(q.shape[0]):
         length = context_lens[b]
         pages = page_table[b]
         _check_pages(pages, length, kv.shape[2], kv.shape[1])
-        scores = np.empty((q.shape[1], length), dtype=np.float32)
-        _attention_scores(q[b], kv[0], pages, length, scale, scores)
-        _softmax_rows(scores)
-        _weighted_values(scores, kv[1], pages, out[b])
+        scores = scores_buf[:heads * length].reshape((heads, np.intp(length)))
+        _attention_scores(q[b], kv[0], pages, length, scale, scores, peaks)
+        _softmax_numerators(scores, peaks, exponent_buf[:length], totals)
+        _weighted_values(scores, kv[1], pages, length, part, out[b])
+        for h in range(heads):
+            for d in range(dim):
+                out[b, h, d] /= totals[h]
 
 
 def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
@@ -181,7 +266,7 @@ def paged_decode_attention(q, kv, page_table, context_lens, scale):
     """Paged decode attention; the entry point the model calls.
 
     CPU float32 runs the numba kernel, which beat the torch reference at every measured
-    batch size and context length, by 1.1x to 7x (``results/kernels.md``); everything
+    batch size and context length, by 2.7x to 23x (``results/kernels.md``); everything
     else (bf16/fp16, which numba cannot hold, and CUDA) runs the torch reference.
     """
     if _numba_eligible(q, kv):

@@ -3,9 +3,11 @@ plain torch."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mpiserve.kernels import (
     pack_slots,
     pack_slots_numba,
@@ -17,6 +19,7 @@ from mpiserve.kernels import (
     unpack_slots_numba,
     unpack_slots_reference,
 )
+from mpiserve.kernels.paged_attention import _exp_parts
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # (query heads, kv heads): MHA, GQA, MQA
 HEAD_DIMS = [16, 64, 128]
@@ -92,12 +95,86 @@ def test_decode_long_contexts(lens):
     torch.testing.assert_close(paged_decode_attention_reference(*case), expected, **TOLERANCE)
 
 
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_decode_numba_long_ragged_batch(heads, kv_heads, page_size):
+    """Lengths around the 64-position summation blocks and far past the prefetch distance,
+    in every head layout and page size, with head_dim 128."""
+    lens = [700, 63, 64, 65, 129, 1300, page_size * 37 + 1]
+    case = paged_case(heads, kv_heads, 128, page_size, lens, seed=page_size)
+    torch.testing.assert_close(paged_decode_attention_numba(*case),
+                               paged_decode_attention_reference(*case), **TOLERANCE)
+
+
 def test_decode_numba_rounding_does_not_grow_with_context():
     q, kv, page_table, context_lens, scale = paged_case(4, 2, 64, 16, [16384], seed=3)
     case = (q * 3, kv, page_table, context_lens, scale)  # peaky softmax
     exact = gathered_sdpa(*case, compute=torch.float64)
-    for kernel in (paged_decode_attention_numba, paged_decode_attention_reference):
-        torch.testing.assert_close(kernel(*case), exact, rtol=0, atol=5e-6)
+    torch.testing.assert_close(paged_decode_attention_reference(*case), exact, rtol=0,
+                               atol=5e-6)
+    # the numba kernel stays within 1e-6 of the output's scale
+    torch.testing.assert_close(paged_decode_attention_numba(*case), exact, rtol=0,
+                               atol=1e-6 * exact.abs().max().item())
+
+
+def test_decode_numba_result_does_not_depend_on_batch():
+    """Each sequence's output is bit-identical alone, in another batch order, and with its
+    K/V on other pages: nothing is reduced across sequences."""
+    lens = [37, 1, 300, 64, 129]
+    q, kv, page_table, context_lens, scale = paged_case(8, 2, 64, 4, lens, seed=7)
+    batched = paged_decode_attention_numba(q, kv, page_table, context_lens, scale)
+    for b in range(len(lens)):
+        alone = paged_decode_attention_numba(q[b:b + 1], kv, page_table[b:b + 1],
+                                             context_lens[b:b + 1], scale)
+        assert torch.equal(alone[0], batched[b])
+    order = torch.tensor([3, 0, 4, 2, 1])
+    reordered = paged_decode_attention_numba(q[order], kv, page_table[order],
+                                             context_lens[order], scale)
+    assert torch.equal(reordered, batched[order])
+    moved_pages = torch.randperm(kv.shape[1], generator=torch.Generator().manual_seed(1))
+    moved_kv = torch.empty_like(kv)
+    moved_kv[:, moved_pages] = kv
+    valid = page_table < kv.shape[1]
+    moved_table = torch.where(valid, moved_pages[page_table.clamp(max=kv.shape[1] - 1)],
+                              page_table).to(torch.int32)
+    moved = paged_decode_attention_numba(q, moved_kv, moved_table, context_lens, scale)
+    assert torch.equal(moved, batched)
+
+
+def test_decode_numba_scores_far_below_the_peak():
+    """Scores hundreds below a row's peak, whose exponentials underflow float32."""
+    q, kv, page_table, context_lens, scale = paged_case(4, 2, 64, 16, [1, 40, 500], seed=9)
+    case = (q * 60, kv, page_table, context_lens, scale)
+    exact = gathered_sdpa(*case, compute=torch.float64)
+    torch.testing.assert_close(paged_decode_attention_numba(*case), exact, **TOLERANCE)
+
+
+def test_decode_numba_nan_stays_in_its_sequence_and_kv_head():
+    q, kv, page_table, context_lens, scale = paged_case(8, 2, 16, 4, [5, 9], seed=2)
+    kv[0, page_table[1, 1], 2, 0, 3] = float("nan")  # key of sequence 1, position 6, kv head 0
+    out = paged_decode_attention_numba(q, kv, page_table, context_lens, scale)
+    torch.testing.assert_close(
+        out, paged_decode_attention_reference(q, kv, page_table, context_lens, scale),
+        equal_nan=True, **TOLERANCE)
+    assert out[1, :4].isnan().all() and not out[1, 4:].isnan().any()
+    assert not out[0].isnan().any()
+
+
+def test_exp_within_one_ulp():
+    """The kernel's own vectorised expf against float64 exp, over every argument the
+    softmax can give it (<= 0), below the smallest normal float32 and at NaN."""
+    x = np.concatenate([np.linspace(-88.0, 0.0, 200_001, dtype=np.float32),
+                        np.float32([-1e-7, -0.5 * np.log(2.0), 0.5 * np.log(2.0) - 1, -1e30,
+                                    -np.inf, np.nan])])
+    row, exponent = x.copy(), np.empty(x.shape, np.int32)
+    _exp_parts(row, np.float32(0.0), exponent)
+    got = row * exponent.view(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    normal = exact >= np.finfo(np.float32).tiny
+    np.testing.assert_allclose(got[normal], exact[normal], rtol=np.finfo(np.float32).eps,
+                               atol=0)
+    assert got[0] == 0.0 and got[-3] == 0.0 and got[-2] == 0.0 and np.isnan(got[-1])
+    assert (got[~normal & ~np.isnan(x)] == 0.0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
