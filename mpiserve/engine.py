@@ -53,7 +53,7 @@ class Engine:
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.eos_ids = tuple(set(self.tokenizer.eos_token_ids)
                              | set(self.model_config.eos_token_ids))
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.context_limit)
         self.model = Transformer(self.model_config, weights, self.max_model_len)
         num_pages = config.num_pages or pages_for_budget(
             self.model_config, config.page_size, int(config.kv_cache_gib * 2**30))

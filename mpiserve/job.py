@@ -180,7 +180,7 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     cluster = Cluster(dispatcher, roles, options.engine.page_size, options.router_args)
     name = Path(options.engine.model).name if options.engine.model else "mpiserve-demo"
     limits = ModelLimits(name, config.vocab_size,
-                         options.engine.max_model_len or config.max_position_embeddings)
+                         min(options.engine.max_model_len or 1 << 62, config.context_limit))
     runner = BatchRunner(cluster, route, options.router, tokenizer, limits, output,
                          options.max_inflight, options.drain_timeout_s,
                          record_itl=options.record_itl)

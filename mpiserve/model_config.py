@@ -25,12 +25,19 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict | None          # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
     max_position_embeddings: int
+    sliding_window: int | None         # attention window, where the checkpoint uses one
     tie_word_embeddings: bool
     attention_bias: bool               # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool                      # per-head RMSNorm of q and k (Qwen3)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str                   # "float32", "bfloat16" or "float16"
+
+    @property
+    def context_limit(self) -> int:
+        """The longest context served exactly. Sliding-window attention is not implemented, so
+        a windowed checkpoint is served up to its window, where full attention is the same."""
+        return min(self.max_position_embeddings, self.sliding_window or 1 << 62)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -78,6 +85,7 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=fields.get("max_position_embeddings", int, default=2048),
+            sliding_window=_sliding_window(fields, model_type),
             tie_word_embeddings=fields.get("tie_word_embeddings", bool, default=False),
             attention_bias=(model_type == "qwen2"
                             or fields.get("attention_bias", bool, default=False)),
@@ -130,6 +138,13 @@ def _rope_settings(fields: _ConfigFields) -> tuple[float, dict | None]:
                                   "(supported: default, llama3)")
         scaling = {**scaling, "rope_type": "llama3"}
     return theta, scaling
+
+
+def _sliding_window(fields: _ConfigFields, model_type: str) -> int | None:
+    """Mistral applies `sliding_window` whenever set; Qwen only with `use_sliding_window`."""
+    if model_type.startswith("qwen") and not fields.get("use_sliding_window", bool, default=False):
+        return None
+    return fields.get("sliding_window", int, default=None)
 
 
 def _eos_ids(fields: _ConfigFields) -> tuple[int, ...]:

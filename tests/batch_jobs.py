@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from mpiserve.bench.processes import descendants
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
@@ -120,24 +122,6 @@ def wait_for_lines(path: Path, lines: int, proc: subprocess.Popen | None = None,
             pytest.fail(f"{path.name} had {count_lines(path)} lines after {timeout:.0f} s, "
                         f"waiting for {lines}")
         time.sleep(0.05)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (hydra's proxies put the ranks in sessions of their own,
-    so a process-group kill of mpiexec does not reach them)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:

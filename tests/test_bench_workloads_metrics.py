@@ -179,12 +179,14 @@ def row(workload, router, rate, **extra):
     return {**base, **extra}
 
 
-def test_reports_keep_other_workloads(tmp_path):
+def test_reports_replace_only_what_was_measured_again(tmp_path):
     path = tmp_path / "strategies.json"
-    path.write_text(json.dumps([row("long", "pd", 0.1), row("chat", "pd", 1.0)]))
+    path.write_text(json.dumps([row("long", "pd", 0.1), row("chat", "pd", 1.0),
+                                row("chat", "round_robin", 2.0, mean_jct=9.0)]))
     merged = merge_rows(path, "chat", [row("chat", "round_robin", 2.0, mean_ttft=None)])
-    assert [(r["workload"], r["router"]) for r in merged] == [("long", "pd"),
-                                                             ("chat", "round_robin")]
+    assert [(r["workload"], r["router"]) for r in merged] == [
+        ("long", "pd"), ("chat", "pd"), ("chat", "round_robin")]
+    assert merged[-1]["mean_jct"] == 1.0
     md = markdown(merged)
     assert "## long" in md and "## chat" in md and "`mpiserve bench --workload chat`" in md
     assert "| round_robin | 2 |" in md and "–" in md

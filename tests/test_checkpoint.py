@@ -226,3 +226,16 @@ def test_load_weights_with_a_given_config(tiny_hf_model):
     weights = load_weights(path, config, torch.bfloat16)
     assert weights["model.embed_tokens.weight"].shape == (2048, 64)
     assert weights["model.norm.weight"].dtype == torch.bfloat16
+
+
+def test_sliding_window_bounds_the_context():
+    from mpiserve.model_config import ModelConfig
+    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 8192}
+    mistral = ModelConfig.from_dict({**base, "model_type": "mistral", "sliding_window": 4096})
+    assert mistral.context_limit == 4096
+    qwen_off = ModelConfig.from_dict({**base, "model_type": "qwen2", "sliding_window": 4096})
+    assert qwen_off.context_limit == 8192
+    qwen_on = ModelConfig.from_dict({**base, "model_type": "qwen2", "sliding_window": 1024,
+                                     "use_sliding_window": True})
+    assert qwen_on.context_limit == 1024

@@ -12,20 +12,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from batch_jobs import MPIEXEC, MPISERVE
 
 from mpiserve import LLM, SamplingParams
+from mpiserve.bench.processes import descendants
 
 pytestmark = pytest.mark.mpi
 
-BIN = Path(sys.executable).parent
-MPIEXEC = BIN / "mpiexec"
-MPISERVE = BIN / "mpiserve"
 TIMEOUT_S = 180
 PAGE = 16
 NUM_PAGES = 64
@@ -61,26 +59,8 @@ async def route(request, cluster):
 
 
 # ---- running a job ---------------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    """Every live descendant of `pid` (mpiexec's proxies put the ranks in their own sessions,
-    so a process group kill would miss them)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
-    tree = _children(proc.pid)
+    tree = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)          # mpiexec forwards it and cleans up the ranks
     try:
         proc.wait(timeout=10)

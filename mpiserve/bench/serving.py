@@ -12,7 +12,7 @@ first, at 0 (the measured ones from 3 s on; 0.5 s with `--quick`), so the engine
 costs are charged to no router; they are left out of the metrics.
 
 Writes to `--out` (default `results/`): `strategies.json` (one row per workload, router and
-rate; rows of other workloads already there are kept, rows of this workload replaced),
+rate; rows already there for other workloads, routers or rates are kept, the others replaced),
 `strategies.md` (the tables with the exact commands) and `strategies_<workload>.png` (mean and
 p99 JCT and mean TTFT against the rate, one line per router).
 
@@ -228,11 +228,15 @@ def run_command_text(ranks: int, run: RouterRun, args, extra: list[str]) -> str:
 
 # ---- reports -----------------------------------------------------------------------------------
 def merge_rows(path: Path, workload: str, rows: list[dict]) -> list[dict]:
-    """The rows already in `path` of other workloads, then `rows`."""
+    """The rows already in `path` that `rows` do not measure again (same workload, router and
+    rate), then `rows`."""
+    def key(row):
+        return row.get("workload"), row.get("router"), row.get("rate")
+    fresh = {key(r) for r in rows}
     kept = []
     if path.exists():
         try:
-            kept = [r for r in json.loads(path.read_text()) if r.get("workload") != workload]
+            kept = [r for r in json.loads(path.read_text()) if key(r) not in fresh]
         except (ValueError, AttributeError):
             kept = []
     return kept + rows

@@ -1,38 +1,24 @@
 """Adaptive: picks a strategy per request from live load and prompt length.
 
-Work is estimated in prompt tokens still to prefill on each engine (`load.queued_prefill`).
-Short prompts, or an idle engine that would finish the whole prompt sooner than a split
-would, run data parallel. Otherwise the prompt is split between the least loaded prefill and
-decode engines so that both finish their share at the same time (balanced disaggregation
-with a split chosen from the queues, not a constant).
-`--router-arg short_prompt=256` sets the length under which a prompt is never split.
+While every engine is idle, a request runs whole on one engine (data parallel): nothing else
+competes, and a split would only add a KV transfer before the decode engine's part. Short
+prompts (`--router-arg short_prompt=256` tokens or fewer) also run whole, on the least loaded
+engine. Once requests overlap, long prompts go through `balanced_pd`, whose split is chosen from
+the engines' measured speeds and queues, so prefill work is shared instead of queueing on one
+engine. The `strategy` metric of each request says which was chosen.
 """
 
-
-def balanced_split(n: int, prefill_queue: int, decode_queue: int) -> int:
-    """The prompt position up to which the prefill engine computes, equalising finish times."""
-    split = (n + decode_queue - prefill_queue) // 2
-    return max(0, min(n - 1, split))
+from .balanced_pd import balanced_pd
 
 
 async def adaptive(request, cluster):
-    n = len(request.prompt)
-    everyone = cluster.least_loaded()
-    prefill = cluster.least_loaded(cluster.prefill or cluster.engines)
-    decode = cluster.least_loaded(cluster.decode or cluster.engines)
-    p_queue, d_queue = prefill.load.queued_prefill, decode.load.queued_prefill
-    split = balanced_split(n, p_queue, d_queue)
-    whole_alone = everyone.load.queued_prefill + n
-    split_finish = max(p_queue + split, d_queue + n - split)
-    short = n <= int(cluster.args.get("short_prompt", 256))
-    if short or prefill is decode or split == 0 or whole_alone <= split_finish:
+    short = len(request.prompt) <= int(cluster.args.get("short_prompt", 256))
+    all_idle = all(e.load.active == 0 for e in cluster.engines)
+    if short or all_idle or len(cluster.engines) == 1:
+        engine = cluster.least_loaded()
         cluster.note_strategy(request, "data_parallel")
-        async for tokens in everyone.start_generate(request):
+        async for tokens in engine.start_generate(request):
             yield tokens
         return
-    cluster.note_strategy(request, "balanced_pd")
-    kv = await decode.prep_recv(request, end=split)
-    if kv.matched < split:
-        await prefill.remote_send(request, kv, begin=kv.matched, end=split)
-    async for tokens in decode.start_generate(request, begin=split):
+    async for tokens in balanced_pd(request, cluster):
         yield tokens
