@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..routers.balanced_pd import parse_fraction
 from .workloads import (
     QUICK_WORKLOADS,
     WARMUP_PREFIX,
@@ -68,14 +69,11 @@ def parse_routers(text: str) -> list[RouterRun]:
             continue
         name, sep, value = spec.partition(":")
         if sep and name in FRACTION_ROUTERS:
-            if value != "auto":
-                try:
-                    fraction = float(value)
-                except ValueError:
-                    fraction = -1.0
-                if not 0 <= fraction <= 1:
-                    raise ValueError(f"--routers {spec}: the decode fraction must be a number "
-                                     "in [0, 1] or auto")
+            try:
+                parse_fraction(value)
+            except ValueError:
+                raise ValueError(f"--routers {spec}: the decode fraction must be a number "
+                                 "in [0, 1] or auto") from None
             runs.append(RouterRun(spec, name, (f"decode_fraction={value}",)))
         else:
             runs.append(RouterRun(spec, spec, ()))

@@ -48,8 +48,12 @@ def auto_split(n, *, prefill_queue, decode_queue, prefill_engine_rate=None,
     return int(max(0, min(highest, n - 1, max(lowest, round(split)))))
 
 
-def _fraction(cluster, key, default):
-    value = str(cluster.args.get(key, default)).strip().lower()
+def parse_fraction(text, key: str = "decode_fraction") -> float | None:
+    """A share of the prompt given as text: a number in [0, 1], or None for "auto" (allowed
+    for decode_fraction only); anything else is a ValueError naming the option."""
+    value = str(text).strip().lower()
+    if value == "auto" and key == "decode_fraction":
+        return None
     try:
         fraction = float(value)
     except ValueError:
@@ -60,11 +64,16 @@ def _fraction(cluster, key, default):
     return fraction
 
 
+def _fraction(cluster, key, default):
+    return parse_fraction(cluster.args.get(key, default), key)
+
+
 def choose_split(request, cluster, prefill, decode):
     """Where balanced_pd splits this request's prompt between `prefill` and `decode`."""
     n = len(request.prompt)
-    if str(cluster.args.get("decode_fraction", "auto")).strip().lower() != "auto":
-        return min(n - 1, int(n * (1 - _fraction(cluster, "decode_fraction", 0.1))))
+    fixed = _fraction(cluster, "decode_fraction", "auto")
+    if fixed is not None:
+        return min(n - 1, int(n * (1 - fixed)))
     decode_speed = cluster.decode_rate(decode)
     return auto_split(
         n, prefill_queue=prefill.load.queued_prefill,
