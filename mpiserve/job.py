@@ -101,7 +101,8 @@ def _prepare_router(options: JobOptions):
 
 
 def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
-    from .cluster.engine_worker import EngineWorker, WorkerOptions
+    from .cluster.control import ControlChannel
+    from .cluster.engine_worker import EngineWorker, WorkerOptions, report_fatal
     from .engine import Engine
     for sig in STOP_SIGNALS:               # rank 0 decides how the job stops
         signal.signal(sig, signal.SIG_IGN)
@@ -112,22 +113,11 @@ def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
             transfer_timeout_s=options.transfer_timeout_s, fail_transfers=options.fail_transfers))
         worker.run()
     except BaseException as exc:          # report, then let rank 0 end the job
-        _report_engine_failure(comm, worker, exc)
+        report_fatal(worker.control if worker is not None else ControlChannel(comm), exc)
         _wait_for_abort(comm, options.heartbeat_timeout_s)
         return EXIT_FAILED
     _close_data_plane()
     return EXIT_OK
-
-
-def _report_engine_failure(comm, worker, exc: BaseException) -> None:
-    from .cluster.control import ControlChannel
-    from .cluster.messages import Fatal
-    if worker is not None:
-        worker.fail(exc)
-        return
-    control = ControlChannel(comm)
-    control.send(ROUTER_RANK, Fatal(comm.Get_rank(), "".join(traceback.format_exception(exc))))
-    control.flush(timeout=5.0)
 
 
 def _wait_for_abort(comm, timeout_s: float) -> None:

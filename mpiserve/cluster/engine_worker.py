@@ -46,6 +46,12 @@ class WorkerOptions:
     fail_transfers: int = 0          # testing: the first N remote_send calls fail on purpose
 
 
+def report_fatal(control: ControlChannel, exc: BaseException) -> None:
+    """Tell the router this rank died, with the traceback (delivery waited on, bounded)."""
+    control.send(ROUTER_RANK, Fatal(control.rank, "".join(traceback.format_exception(exc))))
+    control.flush(timeout=5.0)
+
+
 def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -90,12 +96,6 @@ class EngineWorker:
             else:
                 backoff.sleep()
         self._finish_sends()
-
-    def fail(self, exc: BaseException) -> None:
-        """Tell the router this rank died, with the traceback."""
-        text = "".join(traceback.format_exception(exc))
-        self.control.send(ROUTER_RANK, Fatal(self.rank, text))
-        self.control.flush(timeout=5.0)
 
     def _handle_messages(self) -> bool:
         messages = self.control.receive_all()

@@ -93,10 +93,12 @@ class Dispatcher:
 
     def _deliver(self, source: int, message) -> None:
         if isinstance(message, Reply):
-            future = self._futures.pop(message.call_id)
+            future = self._futures.pop(message.call_id, None)   # None: failed already
+            if future is None or future.done():
+                return
             if message.error is not None:
                 future.set_exception(EngineCallError(message.error))
-            elif not future.done():
+            else:
                 future.set_result(message.value)
         elif isinstance(message, TransferDone):
             future = self._futures.pop(message.call_id, None)
