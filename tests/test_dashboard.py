@@ -27,6 +27,7 @@ import pytest
 from rich.console import Console
 from rich.file_proxy import FileProxy
 
+from mpiserve.bench.processes import descendants
 from mpiserve.dashboard import observer as observer_module
 from mpiserve.dashboard.observer import JobObserver, resolve_mode
 from mpiserve.dashboard.report import PLOTS_MISSING
@@ -334,22 +335,6 @@ def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):
 
 
 # ---- real jobs -----------------------------------------------------------------------------------
-def _descendants(pid: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        children = parents.get(todo.pop(), [])
-        found += children
-        todo += children
-    return found
-
-
 def _kill(pids) -> None:
     for pid in pids:
         try:
@@ -365,7 +350,7 @@ def run_job(cwd: Path, *args) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        _kill([proc.pid, *_descendants(proc.pid)])
+        _kill([proc.pid, *descendants(proc.pid)])
         out, err = proc.communicate()
         pytest.fail(f"{command} did not finish in {TIMEOUT_S} s\n{out[-3000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
@@ -449,7 +434,7 @@ def test_live_view_on_a_real_terminal(tmp_path, demo_dir):
         final, _ = wait_for_screen(tmux, exit_file, lambda _: exit_file.exists())
         print(f"live view while the job ran:\n{running}\nfinal screen:\n{final}")
     finally:
-        _kill(_descendants(int(pane)) if pane.isdigit() else [])
+        _kill(descendants(int(pane)) if pane.isdigit() else [])
         subprocess.run([*tmux, "kill-server"], timeout=30, capture_output=True)
     assert exit_file.read_text().strip() == "0", final
     assert f"{records}/{records}  100%" in final and live_screen(records)(final), final
