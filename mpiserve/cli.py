@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .engine_config import EngineConfig
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds before a KV transfer is given up (the request recomputes)")
     run.add_argument("--heartbeat-timeout", type=float, default=120.0,
                      help="seconds of silence after which an engine rank counts as dead")
+    run.add_argument("--bind-interface", metavar="NAME",
+                     help="network interface whose address rank 0 offers the other ranks for "
+                          "the data plane (default: chosen from the subnet the nodes share; "
+                          "env MPISERVE_BIND_INTERFACE)")
     run.add_argument("--dashboard", choices=["auto", "live", "plain", "off"], default="auto",
                      help="live table on the terminal, a progress line every few seconds "
                           "(plain), or nothing; auto: live on a terminal, else plain")
@@ -90,6 +95,8 @@ def main(argv=None) -> int:
             return run_bench(args, argv[1:])
         if args.command == "run":
             from .job import JobOptions, run_job
+            if args.bind_interface:      # read by cluster.bringup on every rank
+                os.environ["MPISERVE_BIND_INTERFACE"] = args.bind_interface
             return run_job(JobOptions(
                 input=args.input, output=args.output, router=args.router,
                 router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,

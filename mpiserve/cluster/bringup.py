@@ -1,5 +1,7 @@
-"""Start the data plane: rank 0 picks a rendezvous address and port and broadcasts them over
-MPI; every rank then joins one torch.distributed group (NCCL with CUDA, gloo otherwise)."""
+"""Start the data plane: the ranks agree on an address of rank 0 they can all reach (checked
+with a real connection, so an unreachable one fails in seconds, named), rank 0 opens its store
+on a port it broadcasts over MPI, and every rank joins one torch.distributed group (NCCL with
+CUDA, gloo otherwise)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,15 @@ import datetime
 import os
 import socket
 import sys
+import time
 
+from .host_interfaces import local_report
 from .launch_env import launcher_local_rank, launcher_source
+from .rendezvous_choice import BindError, choose_rendezvous
+
+BIND_INTERFACE_VARIABLE = "MPISERVE_BIND_INTERFACE"
+PROBE_TIMEOUT_S = 10.0      # for every rank to open a TCP connection to rank 0's address
+PROBE_RETRY_S = 0.25
 
 
 def node_local_rank(comm, env=None) -> int:
@@ -29,15 +38,65 @@ def node_local_rank(comm, env=None) -> int:
     return rank
 
 
-def rendezvous_host(comm) -> str:
-    """Loopback when all ranks share a host, else rank 0's host address."""
-    single_host = len(set(comm.allgather(socket.gethostname()))) == 1
-    if single_host:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    address = None
+def rendezvous_host(comm, env=None) -> str:
+    """Rank 0's address that every rank can reach (rendezvous_choice decides from every rank's
+    hostname and interfaces; --bind-interface / MPISERVE_BIND_INTERFACE overrides), checked
+    by a real connection from every rank. Sets this rank's GLOO_SOCKET_IFNAME to its side of
+    the choice unless the user set it. Raises BindError on every rank when there is no usable
+    address or a rank cannot connect within PROBE_TIMEOUT_S."""
+    env = os.environ if env is None else env
+    reports = comm.allgather(local_report())
+    choice = None
     if comm.Get_rank() == 0:
-        address = "127.0.0.1" if single_host else socket.gethostbyname(socket.gethostname())
-    return comm.bcast(address, root=0)
+        try:
+            choice = choose_rendezvous(reports, env.get(BIND_INTERFACE_VARIABLE) or None)
+        except BindError as exc:
+            choice = str(exc)
+    choice = comm.bcast(choice, root=0)
+    if isinstance(choice, str):
+        raise BindError(choice)
+    interface = choice.interfaces[comm.Get_rank()]
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    failures = probe_rendezvous(comm, choice.address, PROBE_TIMEOUT_S)
+    if failures:
+        raise BindError(f"rank 0's rendezvous address {choice.address} ({choice.reason}) is "
+                        f"unreachable: {'; '.join(failures)}. Name the interface the nodes "
+                        f"share with --bind-interface or {BIND_INTERFACE_VARIABLE}")
+    return choice.address
+
+
+def probe_rendezvous(comm, address: str, timeout_s: float) -> list[str]:
+    """Rank 0 listens on `address`; every other rank connects within `timeout_s`. Returns, on
+    every rank, one line per rank that could not (empty when all could)."""
+    listener, problem = None, None
+    if comm.Get_rank() == 0:
+        try:
+            listener = socket.create_server((address, 0), backlog=comm.Get_size())
+        except OSError as exc:
+            problem = f"rank 0 on {socket.gethostname()} cannot listen on it: {exc}"
+    port = comm.bcast(listener.getsockname()[1] if listener is not None else None, root=0)
+    if port is not None and comm.Get_rank() != 0:
+        problem = _connect_within(address, port, timeout_s)
+    problems = comm.allgather(problem)
+    if listener is not None:
+        listener.close()
+    return [f"rank {rank}: {text}" for rank, text in enumerate(problems) if text]
+
+
+def _connect_within(address: str, port: int, timeout_s: float) -> str | None:
+    """None once a TCP connection to address:port succeeds; else why not, after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((address, port), timeout=max(0.1, left)):
+                return None
+        except OSError as exc:
+            if time.monotonic() + PROBE_RETRY_S >= deadline:
+                return (f"{socket.gethostname()} could not connect to {address}:{port} within "
+                        f"{timeout_s:.0f} s ({exc or type(exc).__name__})")
+        time.sleep(PROBE_RETRY_S)
 
 
 def init_data_plane(comm, timeout_s: float = 120.0) -> str:
