@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                 heartbeat_timeout_s=args.heartbeat_timeout, fail_transfers=args.fail_transfers,
                 engine=engine_config(args)))
     except MpiserveError as exc:
-        print(f"mpiserve: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):     # quiet: another rank prints the same error
+            print(f"mpiserve: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

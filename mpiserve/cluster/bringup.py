@@ -53,8 +53,9 @@ def rendezvous_host(comm, env=None) -> str:
         except BindError as exc:
             choice = str(exc)
     choice = comm.bcast(choice, root=0)
+    quiet = comm.Get_rank() != 0
     if isinstance(choice, str):
-        raise BindError(choice)
+        raise BindError(choice, quiet)
     interface = choice.interfaces[comm.Get_rank()]
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
@@ -62,7 +63,7 @@ def rendezvous_host(comm, env=None) -> str:
     if failures:
         raise BindError(f"rank 0's rendezvous address {choice.address} ({choice.reason}) is "
                         f"unreachable: {'; '.join(failures)}. Name the interface the nodes "
-                        f"share with --bind-interface or {BIND_INTERFACE_VARIABLE}")
+                        f"share with --bind-interface or {BIND_INTERFACE_VARIABLE}", quiet)
     return choice.address
 
 

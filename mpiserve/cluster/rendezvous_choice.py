@@ -69,7 +69,12 @@ class Rendezvous:
 
 
 class BindError(MpiserveError):
-    """No usable rendezvous address."""
+    """No usable rendezvous address. Raised on every rank; `quiet` on all but rank 0, so the
+    job prints the message once."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 def choose_rendezvous(reports: list[HostReport], bind_interface: str | None = None) -> Rendezvous:
@@ -102,7 +107,7 @@ def _by_name(reports: list[HostReport], name: str) -> Rendezvous:
             raise BindError(f"rank {rank} on {report.describe()} has no interface {name!r} and "
                             f"none on rank 0's subnet {chosen.network}")
         names.append(own.name)
-    return Rendezvous(chosen.address, tuple(names), f"interface {name} (as asked)")
+    return Rendezvous(chosen.address, tuple(names), f"interface {name}, as asked")
 
 
 def _by_shared_subnet(reports: list[HostReport]) -> Rendezvous:
