@@ -307,6 +307,38 @@ def test_plain_mode_prints_lines_and_finish_writes_the_report(tmp_path):
     assert len(rows) - 1 == len(watcher.collector.timeline) >= 2
 
 
+def test_plain_mode_writes_no_escapes_even_on_a_terminal(tmp_path, monkeypatch):
+    # Open MPI hands every rank a pseudo-terminal, even when mpirun writes to a log file
+    monkeypatch.setenv("TERM", "xterm-256color")
+    leader, follower = os.openpty()
+    try:
+        with open(follower, "w", closefd=False) as tty:
+            watcher = JobObserver("plain", INFO, *fake_job(second_stats()), tally_at(500),
+                                  tmp_path / "run", stream=tty)
+            watcher.finish()
+        shown = os.read(leader, 1 << 16).decode()
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert "mpiserve run summary" in shown and "\x1b" not in shown
+
+
+def test_a_launchers_terminal_is_followed_to_where_the_launcher_writes(tmp_path):
+    """A rank on a pty whose parent is a launcher (as under Open MPI's mpirun) has the terminal
+    of the launcher's own stdout: none when that is a file."""
+    launcher = tmp_path / "mpirun"                 # /proc/PID/comm is "mpirun"
+    launcher.symlink_to(sys.executable)
+    child = ("import sys; from mpiserve.dashboard.terminal import find_terminal; "
+             "print(find_terminal(sys.stdout), file=sys.stderr)")
+    parent = ("import os, subprocess, sys; leader, follower = os.openpty(); "
+              f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}], stdout=follower, "
+              "stderr=subprocess.PIPE, text=True).stderr.strip() != 'None')")
+    with open(tmp_path / "log", "w") as log:
+        done = subprocess.run([str(launcher), "-c", parent], stdout=log,
+                              env={**os.environ, "TERM": "xterm"}, timeout=60)
+    assert done.returncode == 0
+
+
 def test_off_mode_prints_nothing_but_still_reports(tmp_path):
     watcher, stream = observe("off", tmp_path)
     watcher.finish()

@@ -152,7 +152,9 @@ class JobObserver:
             self._print(plain_line(snap))
         try:
             from rich.console import Console
-            console = self.console or Console(file=self.stream)
+            # plain never writes escapes, whatever the stream is (Open MPI gives ranks a pty)
+            console = (self.console if self.mode == "live" else
+                       Console(file=self.stream, force_terminal=False, color_system=None))
             console.print(summary_table(snap))
             console.print(f"run report: {self.run_dir}", markup=False, highlight=False)
         except Exception as exc:

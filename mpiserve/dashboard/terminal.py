@@ -3,7 +3,9 @@
 mpiexec hands each rank a pipe, not the user's terminal: the launcher forwards what the rank
 writes. So when rank 0's stdout is a pipe, follow it up through the launcher's own processes
 (MPICH's hydra proxy and mpiexec, Open MPI's daemons and mpirun): if the outermost one writes to
-a terminal, that is where the dashboard appears, and its size is the size to draw at. A pipe
+a terminal, that is where the dashboard appears, and its size is the size to draw at. Open MPI
+hands its ranks a pseudo-terminal of its own even when mpirun writes to a file or pipe, so a
+terminal whose reader is a launcher is followed up the same way. A pipe
 into any other process (a test harness, `| tee`) means no terminal. Linux /proc only; any
 doubt means "no terminal"."""
 
@@ -23,17 +25,15 @@ def find_terminal(stream) -> str | None:
         return None
     try:
         fd = stream.fileno()
-        if os.isatty(fd):
-            return os.ttyname(fd)
-        target = os.readlink(f"/proc/self/fd/{fd}")
+        target = os.ttyname(fd) if os.isatty(fd) else os.readlink(f"/proc/self/fd/{fd}")
     except (AttributeError, ValueError, OSError):
         return None
     pid = os.getpid()
     for _ in range(MAX_ANCESTORS):
-        pid = _parent(pid)
-        if not target.startswith("pipe:") or _name(pid) not in LAUNCHERS:
+        parent = _parent(pid)
+        if not target.startswith(("pipe:", *TTY_PREFIXES)) or _name(parent) not in LAUNCHERS:
             break
-        target = _stdout_of(pid)
+        pid, target = parent, _stdout_of(parent)
     return target if target.startswith(TTY_PREFIXES) else None
 
 
