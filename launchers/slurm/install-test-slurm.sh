@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what tests/test_slurm.py needs for its one-node Slurm cluster: slurmctld, slurmd,
-# the Slurm client commands and munge, from the distribution's packages (Debian/Ubuntu); and
-# tmux, in which tests/test_dashboard.py watches the live dashboard in a real terminal.
+# the Slurm client commands and munge, from the distribution's packages (Debian/Ubuntu); tmux,
+# in which tests/test_dashboard.py watches the live dashboard in a real terminal; and iproute2
+# (`ip`), with which tests/netns_hosts.py makes network-namespace hosts for the multi-host tests.
 #
 # Idempotent, and never fatal: does nothing when the commands are already there, and only
 # prints why it did not install them when it cannot (not root, no apt-get, no network). The
@@ -15,8 +16,10 @@ command -v slurmd >/dev/null 2>&1 || needed+=(slurmd)
 command -v sbatch >/dev/null 2>&1 || needed+=(slurm-client)
 command -v munged >/dev/null 2>&1 || needed+=(munge)
 command -v tmux >/dev/null 2>&1 || needed+=(tmux)
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || needed+=(iproute2)
+command -v unshare >/dev/null 2>&1 || needed+=(util-linux)
 if [ ${#needed[@]} -eq 0 ]; then
-    echo "install-test-slurm: slurmctld, slurmd, slurm-client, munge and tmux are installed"
+    echo "install-test-slurm: slurmctld, slurmd, slurm-client, munge, tmux and iproute2 are installed"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
