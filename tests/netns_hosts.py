@@ -3,18 +3,22 @@ test subnet and, through a UTS namespace, its own hostname, joined by one bridge
 of its own) like nodes on a switch. Traffic goes only between these namespaces: none of them is
 connected to the machine's own network, and nothing outside them is touched.
 
-As on a stock Debian/Ubuntu node, each host's /etc/hosts (the per-namespace file `ip netns
-exec` mounts) maps its own hostname to 127.0.1.1, so `gethostbyname(gethostname())` gives
-loopback: a job that advertises that to another host fails, as it would on real nodes.
+A command runs on a host in the host's network namespace (nsenter), in a UTS namespace with
+the host's hostname, and in a mount namespace whose /etc/hosts is the host's own file; /sys
+stays the machine's (cgroups, which slurmd needs). By default that file maps the hostname to
+127.0.1.1 as on a stock Debian/Ubuntu node, so `gethostbyname(gethostname())` gives loopback:
+a job that advertises that to another host fails, as it would on real nodes. With
+`names_resolve=True` every host's name maps to its address instead, as cluster DNS would
+(Slurm's nodes and hydra under Slurm find each other by name).
 
 MPICH's hydra starts ranks on these hosts as it would over ssh: `mpiexec -hosts ADDR:N,...
 -iface IFACE -launcher ssh -launcher-exec SCRIPT`, where SCRIPT, called as `SCRIPT -x ADDR
 "command"`, runs the command in ADDR's namespace with its hostname. mpiexec itself runs on the
 first host (`NetnsHosts.mpiexec`).
 
-Needs root, `ip` (iproute2) and `unshare` (util-linux); `NetnsHosts.unavailable()` names what
-is missing so tests can skip with the reason. `NetnsHosts` is a context manager; leaving it
-kills whatever still runs in the namespaces and removes them, also when the test failed.
+Needs root, `ip` (iproute2), `nsenter` and `unshare` (util-linux); `NetnsHosts.unavailable()`
+names what is missing so tests can skip with the reason. `NetnsHosts` is a context manager;
+leaving it kills whatever still runs in the namespaces and removes them, also when the test failed.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ SUBNET = "10.231.17"        # /24, private, only ever on the veths made here
 PREFIX = 24
 IFACE = "mpsv0"             # every host's interface has this name inside its namespace
 COMMAND_TIMEOUT_S = 20
-NETNS_ETC = Path("/etc/netns")
+# run as `sh -c ENTER HOSTS_FILE HOSTNAME COMMAND...` in a new mount and UTS namespace
+ENTER = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
 
 
 def sh(*argv: str) -> str:
@@ -46,20 +51,21 @@ def sh(*argv: str) -> str:
 class NetnsHosts:
     """`count` hosts named <tag>a, <tag>b, ... at SUBNET.1, .2, ... (namespace = hostname)."""
 
-    def __init__(self, count: int = 2):
+    def __init__(self, count: int = 2, names_resolve: bool = False):
         tag = f"mpsv{os.getpid() % 100000}"
         self.names = [f"{tag}{chr(ord('a') + i)}" for i in range(count)]
         self.addresses = [f"{SUBNET}.{i + 1}" for i in range(count)]
         self.switch = f"{tag}sw"
         self.workdir = Path(tempfile.mkdtemp(prefix="netns-hosts-"))
         self.launcher = self.workdir / "enter-host"
+        self.names_resolve = names_resolve
 
     @staticmethod
     def unavailable() -> str | None:
         """Why these hosts cannot be made here, or None."""
         if os.geteuid() != 0:
             return "network namespaces need root"
-        missing = [tool for tool in ("ip", "unshare") if shutil.which(tool) is None]
+        missing = [tool for tool in ("ip", "nsenter", "unshare") if shutil.which(tool) is None]
         if missing:
             return f"{' and '.join(missing)} not installed (iproute2, util-linux)"
         probe = f"mpsvprobe{os.getpid() % 100000}"
@@ -103,9 +109,13 @@ class NetnsHosts:
         sh("ip", "-n", name, "addr", "add", f"{address}/{PREFIX}", "dev", IFACE)
         sh("ip", "-n", name, "link", "set", IFACE, "up")
         sh("ip", "-n", name, "link", "set", "lo", "up")
-        etc = NETNS_ETC / name
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {name}\n")
+        names = (zip(self.addresses, self.names) if self.names_resolve
+                 else [("127.0.1.1", name)])
+        self.hosts_file(index).write_text("127.0.0.1 localhost\n" + "".join(
+            f"{address} {host}\n" for address, host in names))
+
+    def hosts_file(self, index: int) -> Path:
+        return self.workdir / f"hosts.{self.names[index]}"
 
     def _write_launcher(self) -> None:
         cases = "\n".join(f"    {address}|{name}) ns={name} ;;"
@@ -118,7 +128,8 @@ case "$host" in
 {cases}
     *) echo "enter-host: unknown host $host" >&2; exit 255 ;;
 esac
-exec ip netns exec "$ns" unshare --uts sh -c "hostname $ns; $*"
+exec nsenter --net="/run/netns/$ns" unshare --mount --uts sh -c {shlex.quote(ENTER)} \\
+    "{self.workdir}/hosts.$ns" "$ns" sh -c "$*"
 """)
         self.launcher.chmod(0o755)
 
@@ -127,11 +138,6 @@ exec ip netns exec "$ns" unshare --uts sh -c "hostname $ns; $*"
         for name in [*self.names, self.switch]:
             self._kill_inside(name)
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
-        try:
-            NETNS_ETC.rmdir()            # only if nothing else uses it
-        except OSError:
-            pass
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     @staticmethod
@@ -148,9 +154,13 @@ exec ip netns exec "$ns" unshare --uts sh -c "hostname $ns; $*"
     # ---- using -------------------------------------------------------------------------------
     def run_on(self, host: int, argv: list[str]) -> list[str]:
         """argv wrapped to run on host `host` (its namespace and hostname)."""
-        name = self.names[host]
-        return ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c",
-                f'hostname {name} && exec "$@"', "sh", *argv]
+        return [*self._enter(self.names[host], str(self.hosts_file(host))), *argv]
+
+    @staticmethod
+    def _enter(name: str, hosts_file: str) -> list[str]:
+        """The prefix that runs a command as host `name`."""
+        return ["nsenter", f"--net=/run/netns/{name}", "unshare", "--mount", "--uts", "sh",
+                "-c", ENTER, hosts_file, name]
 
     def mpiexec(self, mpiexec: str, slots: list[int], argv: list[str]) -> list[str]:
         """`mpiexec` run on host 0, starting slots[i] ranks on host i (in host order), each
