@@ -1,5 +1,9 @@
-"""A private one-node Slurm cluster for the tests: munged, slurmctld and slurmd started on this
-machine with a generated configuration in a temporary directory, torn down at the end.
+"""A private Slurm cluster for the tests: munged, slurmctld and slurmd started on this machine
+with a generated configuration in a temporary directory, torn down at the end. One node on the
+loopback address by default; given network-namespace hosts (tests/netns_hosts.py), slurmctld
+runs on the first and one slurmd on each of the others (own NodeName, NodeAddr, spool
+directory), and every client command runs on the first host too. munged serves them all
+through its socket file.
 
 Needs root and the Debian packages slurmctld, slurmd, slurm-client and munge
 (`launchers/slurm/install-test-slurm.sh` installs them). `SlurmCluster.unavailable()` names
@@ -58,13 +62,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def slurm_conf(root: Path, host: str, munge_socket: Path, ctld_port: int, slurmd_port: int,
+def slurm_conf(root: Path, controller: tuple[str, str], nodes: list[tuple[str, str]],
+               munge_socket: Path, ctld_port: int, slurmd_port: int,
                cpus: int = NODE_CPUS) -> str:
-    """slurm.conf for one node named `host` (reached on the loopback address), every path
-    absolute and under `root`."""
+    """slurm.conf for slurmctld on `controller` and slurmd on `nodes`, each a (name, address);
+    every path absolute and under `root` (per node: %n is the node's name)."""
     return "\n".join([
         "ClusterName=mpiservetest",
-        f"SlurmctldHost={host}(127.0.0.1)",
+        f"SlurmctldHost={controller[0]}({controller[1]})",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
@@ -74,11 +79,11 @@ def slurm_conf(root: Path, host: str, munge_socket: Path, ctld_port: int, slurmd
         # cred_expire is also how long a requeued job waits to start again (default 120 s)
         f"AuthInfo=socket={munge_socket},cred_expire={REQUEUE_DELAY_S}",
         f"StateSaveLocation={root / 'state'}",
-        f"SlurmdSpoolDir={root / 'spool'}",
+        f"SlurmdSpoolDir={root / 'spool' / '%n'}",
         f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-        f"SlurmdPidFile={root / 'slurmd.pid'}",
+        f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
         f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={root / 'log' / 'slurmd.log'}",
+        f"SlurmdLogFile={root / 'log' / 'slurmd-%n.log'}",
         f"PlugStackConfig={root / 'plugstack.conf'}",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
@@ -97,19 +102,28 @@ def slurm_conf(root: Path, host: str, munge_socket: Path, ctld_port: int, slurmd
         "AccountingStorageType=accounting_storage/none",
         "JobAcctGatherType=jobacct_gather/none",
         "JobCompType=jobcomp/none",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
-        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+        *(f"NodeName={name} NodeAddr={address} CPUs={cpus} State=UNKNOWN"
+          for name, address in nodes),
+        f"PartitionName=debug Nodes={','.join(name for name, _ in nodes)} Default=YES "
+        "MaxTime=INFINITE State=UP",
         "",
     ])
 
 
 class SlurmCluster:
-    """munged + slurmctld + slurmd for one node; `stop()` kills exactly the daemons it started."""
+    """munged + slurmctld + slurmd per node; `stop()` kills exactly the daemons it started.
+    `hosts`: a NetnsHosts whose first host is the controller and the rest the nodes."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, hosts=None):
         self.root = Path(root).resolve()
-        self.host = subprocess.run(["hostname", "-s"], capture_output=True, text=True,
-                                   check=True).stdout.strip() or socket.gethostname()
+        self.hosts = hosts
+        if hosts is None:
+            host = subprocess.run(["hostname", "-s"], capture_output=True, text=True,
+                                  check=True).stdout.strip() or socket.gethostname()
+            self.controller, self.nodes = (host, "127.0.0.1"), [(host, "127.0.0.1")]
+        else:
+            pairs = list(zip(hosts.names, hosts.addresses))
+            self.controller, self.nodes = pairs[0], pairs[1:]
         self.conf = self.root / "slurm.conf"
         self.munge_dir: Path | None = None
         self.processes: dict[str, subprocess.Popen] = {}
@@ -146,17 +160,27 @@ class SlurmCluster:
         return self
 
     def _start(self) -> None:
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", "log", *(f"spool/{name}" for name, _ in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "plugstack.conf").write_text("")
         munge_socket = self._start_munge()
-        self.conf.write_text(slurm_conf(self.root, self.host, munge_socket, free_port(),
-                                        free_port()))
+        self.conf.write_text(slurm_conf(self.root, self.controller, self.nodes, munge_socket,
+                                        free_port(), free_port()))
         self._spawn("slurmctld", [binary("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
         self._wait_for(lambda: self._ok("scontrol", "ping") and "UP" in self.scontrol("ping"),
                        "slurmctld to answer scontrol ping")
-        self._spawn("slurmd", [binary("slurmd"), "-D", "-f", str(self.conf), "-N", self.host])
-        self._wait_for(self._node_idle, f"node {self.host} to be idle")
+        for index, (name, _) in enumerate(self.nodes):
+            self._spawn(f"slurmd@{name}", [binary("slurmd"), "-D", "-f", str(self.conf),
+                                           "-N", name], on=index + 1)
+        self._wait_for(self._nodes_idle, f"nodes {self.node_list} to be idle")
+
+    @property
+    def node_list(self) -> str:
+        return ",".join(name for name, _ in self.nodes)
+
+    def _on(self, host: int, command: list[str]) -> list[str]:
+        """`command` run on netns host `host` (0: the controller's); as is without hosts."""
+        return command if self.hosts is None else self.hosts.run_on(host, command)
 
     def _start_munge(self) -> Path:
         """A private munged (user munge) on a socket in its own directory, with the system key
@@ -193,13 +217,14 @@ class SlurmCluster:
                                  capture_output=True, timeout=COMMAND_TIMEOUT_S)
         return decoded.returncode == 0
 
-    def _spawn(self, name: str, command: list[str], user: pwd.struct_passwd | None = None
-               ) -> None:
+    def _spawn(self, name: str, command: list[str], user: pwd.struct_passwd | None = None,
+               on: int = 0) -> None:
         log = open(self.root / "log" / f"{name}.out", "ab")
         as_user = {} if user is None else dict(user=user.pw_uid, group=user.pw_gid,
                                                extra_groups=[])
         try:
             # own session: a Ctrl-C meant for pytest does not reach the daemons
+            command = command if user is not None else self._on(on, command)
             self.processes[name] = subprocess.Popen(command, stdout=log, stderr=log,
                                                     stdin=subprocess.DEVNULL,
                                                     start_new_session=True, env=self.env,
@@ -219,12 +244,13 @@ class SlurmCluster:
             time.sleep(0.5)
         raise SlurmError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def _node_idle(self) -> bool:
+    def _nodes_idle(self) -> bool:
         if not self._ok("sinfo"):
             return False
-        state = self.run("sinfo", "-h", "-N", "-n", self.host, "-o", "%T",
-                         check=False).stdout.strip().lower()
-        return state.startswith(("idle", "mixed", "allocated"))
+        states = self.run("sinfo", "-h", "-N", "-n", self.node_list, "-o", "%T",
+                          check=False).stdout.lower().split()
+        return len(states) == len(self.nodes) and all(
+            state.startswith(("idle", "mixed", "allocated")) for state in states)
 
     def stop(self) -> None:
         """Cancel every job, kill the daemons this cluster started (slurmd first) and whatever
@@ -236,7 +262,8 @@ class SlurmCluster:
             except (subprocess.TimeoutExpired, OSError):
                 pass
             self._wait_for_no_jobs(timeout=30)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [name for name in self.processes if name.startswith("slurmd@")]
+        for name in (*slurmds, "slurmctld", "munged"):
             proc = self.processes.pop(name, None)
             if proc is None:
                 continue
@@ -288,8 +315,8 @@ class SlurmCluster:
     def run(self, *command: str, check: bool = True, timeout: float = COMMAND_TIMEOUT_S,
             cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         command = (binary(command[0]) or command[0], *command[1:])
-        result = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout,
-                                cwd=cwd, env={**self.env, **(env or {})})
+        result = subprocess.run(self._on(0, list(command)), capture_output=True, text=True,
+                                timeout=timeout, cwd=cwd, env={**self.env, **(env or {})})
         if check and result.returncode != 0:
             raise SlurmError(f"{' '.join(command)} exited {result.returncode}\n"
                              f"{result.stdout}{result.stderr}")

@@ -29,6 +29,7 @@ from batch_jobs import (
     tokens_by_id,
     write_requests,
 )
+from netns_hosts import NetnsHosts
 from slurm_cluster import FINAL_STATES, SlurmCluster, SlurmError
 
 TEMPLATES = REPO / "launchers" / "slurm"
@@ -86,10 +87,9 @@ def job_env(mpiserve_cache) -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def submit(slurm: SlurmCluster, workdir: Path, log: Path, *args, env: dict,
-           script: Path = SBATCH, ranks: int = 3) -> int:
-    return slurm.sbatch("-n", str(ranks), f"--output={log}", "--job-name=mpiserve-test",
-                        str(script), *map(str, args), cwd=workdir, env=env)
+def submit(slurm: SlurmCluster, workdir: Path, log: Path, *args, env: dict) -> int:
+    return slurm.sbatch("-n", "3", f"--output={log}", "--job-name=mpiserve-test",
+                        str(SBATCH), *map(str, args), cwd=workdir, env=env)
 
 
 def diagnose(slurm: SlurmCluster, job_id: int | None, log: Path) -> str:
@@ -118,14 +118,18 @@ def wait_job(slurm, job_id, log, timeout=JOB_TIMEOUT_S, until=None) -> dict:
 
 
 # ---- jobs ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("launcher", ["mpiexec", "srun"])
-def test_demo_batch_through_the_sbatch_template(slurm, tmp_path, mpiserve_cache, launcher):
-    """The template's default launcher (the venv's mpiexec) and its alternative (srun
-    --mpi=pmi2, when this Slurm has the plugin)."""
+def skip_without_pmi2(slurm: SlurmCluster, launcher: str) -> None:
     if launcher == "srun":
         plugins = slurm.run("srun", "--mpi=list", check=False)
         if "pmi2" not in plugins.stdout + plugins.stderr:
             pytest.skip("this Slurm has no mpi/pmi2 plugin")
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "srun"])
+def test_demo_batch_through_the_sbatch_template(slurm, tmp_path, mpiserve_cache, launcher):
+    """The template's default launcher (the venv's mpiexec) and its alternative (srun
+    --mpi=pmi2, when this Slurm has the plugin)."""
+    skip_without_pmi2(slurm, launcher)
     output, log = tmp_path / "demo-out.jsonl", tmp_path / "job.log"
     started = time.monotonic()
     job_id = submit(slurm, tmp_path, log, "--prefill", 1, "--decode", 1, "--router",
@@ -146,13 +150,23 @@ def test_demo_batch_through_the_sbatch_template(slurm, tmp_path, mpiserve_cache,
 
 def test_sigterm_requeues_and_the_job_resumes(slurm, tmp_path, tmp_path_factory,
                                                mpiserve_cache):
+    requeue_cycle(slurm, tmp_path, tmp_path_factory, job_env(mpiserve_cache))
+
+
+def requeue_cycle(slurm: SlurmCluster, tmp_path: Path, tmp_path_factory, env: dict,
+                  *sbatch_options: str, script: Path = SBATCH) -> str:
+    """Submit the request file, stop the job with the signal the time limit would send once
+    it has written a few records, and check that it drains, requeues itself and completes
+    with the uninterrupted run's token ids. Returns the job's log."""
     source = write_requests(tmp_path / "in.jsonl")
     reference = reference_tokens(source, tmp_path_factory.mktemp("reference"))
     output, log = tmp_path / "out.jsonl", tmp_path / "job.log"
     started = time.monotonic()
-    job_id = submit(slurm, tmp_path, log, "--prefill", 1, "--decode", 1, "--router",
-                    "balanced_pd", "--max-inflight", 1, "--input", source.name,
-                    "--output", output.name, env=job_env(mpiserve_cache))
+    job_id = slurm.sbatch(*sbatch_options, "-n", "3", f"--output={log}",
+                          "--job-name=mpiserve-test", str(script), "--prefill", "1",
+                          "--decode", "1", "--router", "balanced_pd", "--max-inflight", "1",
+                          "--input", source.name, "--output", output.name, cwd=tmp_path,
+                          env=env)
 
     # a few records written, then the stop the time limit would send (--signal=B:TERM)
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -190,6 +204,7 @@ def test_sigterm_requeues_and_the_job_resumes(slurm, tmp_path, tmp_path_factory,
     assert not different, f"token ids differ from the uninterrupted run for {different}"
     print(f"requeue/resume under Slurm: {seconds:.1f} s in all, "
           f"{time.monotonic() - signalled:.1f} s from SIGTERM to completion; states {states}")
+    return text
 
 
 PROBE = """
@@ -224,3 +239,32 @@ def test_launch_env_agrees_with_mpi_inside_an_allocation(slurm, tmp_path, mpiser
         assert row["launcher"] == row["mpi"] and row["source"] == "PMI_RANK", rows
         assert row["launcher_local"] == row["local"] == row["mpi"], rows
     assert {row["slurm_procid"] for row in rows} == {"0"}, rows   # why Slurm's comes last
+
+
+# ---- two nodes -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def slurm_nodes(tmp_path_factory):
+    """slurmctld on one network-namespace host, a slurmd on each of two others."""
+    reason = SlurmCluster.unavailable() or NetnsHosts.unavailable()
+    if reason:
+        pytest.skip(reason)
+    with NetnsHosts(3, names_resolve=True) as hosts:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-nodes"), hosts)
+        try:
+            cluster.start()
+        except SlurmError as exc:
+            pytest.fail(str(exc))
+        yield cluster
+        cluster.stop()
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "srun"])
+def test_two_node_job_requeues_and_resumes(slurm_nodes, tmp_path, tmp_path_factory,
+                                           mpiserve_cache, launcher):
+    """sbatch -N 2 with the multinode template: the router and the prefill engine on one node,
+    the decode engine on the other (KV crosses nodes), through drain, requeue and resume."""
+    skip_without_pmi2(slurm_nodes, launcher)
+    text = requeue_cycle(slurm_nodes, tmp_path, tmp_path_factory,
+                         {**job_env(mpiserve_cache), "MPISERVE_LAUNCHER": launcher},
+                         "-N", "2", script=TEMPLATES / "mpiserve-multinode.sbatch")
+    assert "tasks per node 2,1" in text, text[-3000:]
