@@ -14,6 +14,7 @@ from .engine_config import EngineConfig
 from .errors import InvalidRequestError
 from .forward_batch_builder import build_forward_batch, order_chunks
 from .kv_cache import KVCache, pages_for_budget
+from .matmul_dtype import choose_matmul_dtype
 from .model import Transformer
 from .page_pool import PagePool
 from .sampler import new_generator, sample
@@ -54,7 +55,8 @@ class Engine:
         self.eos_ids = tuple(set(self.tokenizer.eos_token_ids)
                              | set(self.model_config.eos_token_ids))
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.context_limit)
-        self.model = Transformer(self.model_config, weights, self.max_model_len)
+        self.matmul_dtype = choose_matmul_dtype(self.dtype, self.device, config.matmul_dtype)
+        self.model = Transformer(self.model_config, weights, self.max_model_len, self.matmul_dtype)
         num_pages = config.num_pages or pages_for_budget(
             self.model_config, config.page_size, int(config.kv_cache_gib * 2**30))
         self.pool = PagePool(num_pages, config.page_size)

@@ -19,6 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None    # context length; None = the checkpoint's
     torch_threads: int = 1
     device: str = "auto"                # auto = cuda if available, else cpu
+    matmul_dtype: str = "auto"          # dtype of the linear layers' products (matmul_dtype.py)
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "max_batch_tokens", "torch_threads"):
@@ -28,6 +29,9 @@ class EngineConfig:
             raise InvalidRequestError("EngineConfig.kv_cache_gib must be positive")
         if self.num_pages is not None and self.num_pages < 1:
             raise InvalidRequestError("EngineConfig.num_pages must be at least 1")
+        if self.matmul_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"EngineConfig.matmul_dtype={self.matmul_dtype!r}: use "
+                                      "auto, float32, bfloat16 or float16")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"EngineConfig.dtype={self.dtype!r}: use float32, "
                                       "bfloat16 or float16")

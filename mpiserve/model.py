@@ -59,13 +59,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """`x @ weight.T + bias` in the weight's dtype, returned in `x`'s dtype (see
+    `matmul_dtype`: the weights of a half-precision model may be held widened)."""
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
 class Transformer:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
+                 matmul_dtype: torch.dtype | None = None):
         self.config = config
         self.scale = config.head_dim ** -0.5
+        self.matmul_dtype = matmul_dtype or weights["model.embed_tokens.weight"].dtype
         self.embed = weights["model.embed_tokens.weight"]
-        self.lm_head = weights.get("lm_head.weight", self.embed) \
+        lm_head = weights.get("lm_head.weight", self.embed) \
             if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = self._for_matmul(lm_head)
         self.norm = weights["model.norm.weight"]
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
         self.rotary = RotaryTable(config, max_positions)
@@ -75,18 +84,23 @@ class Transformer:
         attn = p + "self_attn."
         bias = None
         if self.config.attention_bias:
-            bias = torch.cat([w[f"{attn}{n}_proj.bias"] for n in "qkv"])
+            bias = self._for_matmul(torch.cat([w[f"{attn}{n}_proj.bias"] for n in "qkv"]))
+        matmul = self._for_matmul
         return _Layer(
             input_norm=w[p + "input_layernorm.weight"],
-            qkv=torch.cat([w[f"{attn}{n}_proj.weight"] for n in "qkv"]),
+            qkv=matmul(torch.cat([w[f"{attn}{n}_proj.weight"] for n in "qkv"])),
             qkv_bias=bias,
             q_norm=w.get(attn + "q_norm.weight") if self.config.qk_norm else None,
             k_norm=w.get(attn + "k_norm.weight") if self.config.qk_norm else None,
-            o=w[attn + "o_proj.weight"],
+            o=matmul(w[attn + "o_proj.weight"]),
             post_norm=w[p + "post_attention_layernorm.weight"],
-            gate_up=torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-            down=w[p + "mlp.down_proj.weight"],
+            gate_up=matmul(torch.cat([w[p + "mlp.gate_proj.weight"],
+                                      w[p + "mlp.up_proj.weight"]])),
+            down=matmul(w[p + "mlp.down_proj.weight"]),
         )
+
+    def _for_matmul(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.matmul_dtype)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_layers: list[torch.Tensor],
@@ -102,17 +116,17 @@ class Transformer:
                 after_layer(index)
         rows = batch.logit_rows
         hidden = x if rows is None else x[rows]
-        return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        return linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head).float()
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.down)
+        gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, layer.down)
 
     def _attention(self, layer: _Layer, x: torch.Tensor, batch: ForwardBatch,
                    kv: torch.Tensor, angles) -> torch.Tensor:
         c = self.config
         heads, kv_heads, dim = c.num_heads, c.num_kv_heads, c.head_dim
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = linear(x, layer.qkv, layer.qkv_bias)
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
         if layer.q_norm is not None:
@@ -129,7 +143,7 @@ class Transformer:
                                              self.scale)
         for span in batch.prefills:
             out[span.row:span.row + span.length] = self._prefill_attention(q, k, v, flat, span)
-        return F.linear(out.view(-1, heads * dim), layer.o)
+        return linear(out.view(-1, heads * dim), layer.o)
 
     def _prefill_attention(self, q, k, v, flat, span: PrefillSpan) -> torch.Tensor:
         rows = slice(span.row, span.row + span.length)

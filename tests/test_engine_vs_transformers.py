@@ -79,10 +79,14 @@ def test_preemption_by_recompute_matches_transformers(tiny_hf_model):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_follows_transformers(tiny_hf_model, dtype):
-    """Half precision: the first tokens agree with transformers in the same dtype."""
+@pytest.mark.parametrize("matmul_dtype", ["auto", "float32", "same"])
+def test_half_precision_follows_transformers(tiny_hf_model, dtype, matmul_dtype):
+    """Half precision: the first tokens agree with transformers in the same dtype, whether the
+    linear layers multiply natively or in widened float32 weights."""
     model_dir = tiny_hf_model("llama")
-    llm = LLM(str(model_dir), page_size=PAGE, num_pages=64, dtype=dtype)
+    matmul_dtype = dtype if matmul_dtype == "same" else matmul_dtype
+    llm = LLM(str(model_dir), page_size=PAGE, num_pages=64, dtype=dtype,
+              matmul_dtype=matmul_dtype)
     prompts = prompts_for(300, [12, 30], seed=3)
     outs = llm.generate(prompts, greedy(3))
     expected = reference(model_dir, prompts, 3, dtype=getattr(torch, dtype))
