@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
@@ -77,6 +77,23 @@ def _prefetch(typingctx, array, offset):
     return sig, codegen
 
 
+def _float_row(row, scratch):
+    """``row`` as float32: itself when it is float32; a bfloat16 row (held as int16 bit
+    patterns) widened into ``scratch`` (exact: a bfloat16 is the top half of a float32)."""
+
+
+@overload(_float_row, inline="always")
+def _float_row_impl(row, scratch):
+    if row.dtype == types.float32:
+        return lambda row, scratch: row
+
+    def widen(row, scratch):
+        for i in range(row.shape[0]):
+            scratch[i] = (np.uint32(row[i]) & np.uint32(0xFFFF)) << np.uint32(16)
+        return scratch.view(np.float32)
+    return widen
+
+
 @numba.njit(cache=True, fastmath=False)
 def _check_pages(pages, length, page_size, num_pages):
     """Raise unless the first ``ceil(length / page_size)`` page ids are valid."""
@@ -116,6 +133,7 @@ def _attention_scores(queries, keys, pages, length, scale, scores, peaks):
     group = queries.shape[0] // kv_heads
     used = (length + page_size - 1) // page_size
     ahead = _pages_ahead(keys)
+    scratch = np.empty(keys.shape[3], dtype=np.uint32)
     peaks[:] = -np.inf
     for p in range(used):
         page = keys[pages[p]]
@@ -124,7 +142,7 @@ def _attention_scores(queries, keys, pages, length, scale, scores, peaks):
                 _prefetch_row(keys[pages[p + ahead], s])
             t = p * page_size + s
             for k in range(kv_heads):
-                key = page[s, k]
+                key = _float_row(page[s, k], scratch)
                 for h in range(k * group, (k + 1) * group):
                     score = _dot(queries[h], key) * scale
                     scores[h, t] = score
@@ -187,6 +205,7 @@ def _weighted_values(weights, values, pages, length, part, out):
     group = weights.shape[0] // kv_heads
     used = (length + page_size - 1) // page_size
     ahead = _pages_ahead(values)
+    scratch = np.empty(values.shape[3], dtype=np.uint32)
     out[:] = 0.0
     part[:] = 0.0
     for p in range(used):
@@ -196,7 +215,7 @@ def _weighted_values(weights, values, pages, length, part, out):
                 _prefetch_row(values[pages[p + ahead], s])
             t = p * page_size + s
             for k in range(kv_heads):
-                value = page[s, k]
+                value = _float_row(page[s, k], scratch)
                 for h in range(k * group, (k + 1) * group):
                     _axpy(weights[h, t], value, part[h])
             if (t + 1) % _SUM_BLOCK == 0 or t + 1 == length:
@@ -243,7 +262,8 @@ def _decode_kernel(q, kv, page_table, context_lens, scale, out):
 
 
 def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
-    """Numba version of :func:`paged_decode_attention_reference` for CPU float32.
+    """Numba version of :func:`paged_decode_attention_reference` for CPU float32 and
+    bfloat16 KV (widened row by row as it is read; the query and all sums are float32).
 
     Reads K/V straight from the pages (no gathered copy). Other dtypes and CUDA tensors go
     to the torch reference.
@@ -251,23 +271,24 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
     if not _numba_eligible(q, kv):
         return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
     out = torch.empty(q.shape, dtype=torch.float32)
+    pages = kv if kv.dtype == torch.float32 else kv.view(torch.int16)
     _decode_kernel(
-        _as_numpy(q),
-        _as_numpy(kv),
+        _as_numpy(q.float()),
+        _as_numpy(pages),
         _as_numpy(page_table.to(torch.int32)),
         _as_numpy(context_lens.to(torch.int32)),
         np.float32(scale),
         out.numpy(),
     )
-    return out
+    return out.to(q.dtype)
 
 
 def paged_decode_attention(q, kv, page_table, context_lens, scale):
     """Paged decode attention; the entry point the model calls.
 
-    CPU float32 runs the numba kernel, which beat the torch reference at every measured
-    batch size and context length, by 2.7x to 23x (``results/kernels.md``); everything
-    else (bf16/fp16, which numba cannot hold, and CUDA) runs the torch reference.
+    CPU float32 and bfloat16 run the numba kernel, which beat the torch reference at every
+    measured batch size and context length (``results/kernels.md``); float16 on CPU runs the
+    torch reference.
     """
     if _numba_eligible(q, kv):
         return paged_decode_attention_numba(q, kv, page_table, context_lens, scale)
@@ -275,7 +296,8 @@ def paged_decode_attention(q, kv, page_table, context_lens, scale):
 
 
 def _numba_eligible(q, kv):
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, kv))
+    return (q.device.type == kv.device.type == "cpu" and q.dtype == kv.dtype
+            and kv.dtype in (torch.float32, torch.bfloat16))
 
 
 def _as_numpy(tensor):

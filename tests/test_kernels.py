@@ -177,13 +177,37 @@ def test_exp_within_one_ulp():
     assert (got[~normal & ~np.isnan(x)] == 0.0).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_half_precision_uses_reference(dtype):
-    case = paged_case(8, 2, 64, 4, context_lengths(4), dtype=dtype)
+def test_decode_float16_uses_reference():
+    case = paged_case(8, 2, 64, 4, context_lengths(4), dtype=torch.float16)
     out = paged_decode_attention(*case)
-    assert out.dtype == dtype
+    assert out.dtype == torch.float16
     torch.testing.assert_close(out, paged_decode_attention_reference(*case), rtol=0, atol=0)
     torch.testing.assert_close(out, gathered_sdpa(*case), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+def test_decode_numba_bfloat16_matches_reference(heads, kv_heads, page_size):
+    """bfloat16 KV widened row by row: the float32 sums of the reference, rounded once to
+    bfloat16 at the end, so at most one bfloat16 rounding apart."""
+    lens = [1, 63, 64, 65, 700, page_size * 37 + 1]
+    case = paged_case(heads, kv_heads, 64, page_size, lens, dtype=torch.bfloat16,
+                      seed=page_size)
+    out = paged_decode_attention(*case)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(paged_decode_attention_numba(*case), out, rtol=0, atol=0)
+    torch.testing.assert_close(out, paged_decode_attention_reference(*case),
+                               rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(out, gathered_sdpa(*case), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_numba_bfloat16_negative_bit_patterns():
+    """KV values whose bfloat16 bits are negative as int16 (every negative number) widen
+    with their sign, not sign-extended into the exponent."""
+    case = list(paged_case(4, 2, 16, 4, [9, 3], dtype=torch.bfloat16))
+    case[1] = -case[1].abs() - 1.0
+    torch.testing.assert_close(paged_decode_attention_numba(*case),
+                               paged_decode_attention_reference(*case), rtol=2 ** -7, atol=1e-3)
 
 
 def test_decode_accepts_non_contiguous_query():
