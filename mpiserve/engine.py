@@ -15,7 +15,7 @@ from .errors import InvalidRequestError
 from .forward_batch_builder import build_forward_batch, order_chunks
 from .kv_cache import KVCache, pages_for_budget
 from .matmul_dtype import choose_matmul_dtype
-from .model import Transformer
+from .model import ForwardBatch, PrefillSpan, Transformer
 from .page_pool import PagePool
 from .sampler import new_generator, sample
 from .sampling_params import SamplingParams
@@ -65,6 +65,22 @@ class Engine:
                                    self.max_model_len)
         self._generators: dict[int, torch.Generator | None] = {}
         self.tokens_computed = {"prefill": 0, "decode": 0}
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the numba kernels (or load them from numba's disk cache) and let torch pick
+        its kernels before the first request, so that request's TTFT is a warm one: a forward
+        pass of one decode row and one prefill row over KV slot 0, which no sequence holds
+        yet, and a KV read and write of that slot."""
+        zero = torch.zeros(2, dtype=torch.int64, device=self.device)
+        batch = ForwardBatch(
+            input_ids=zero, positions=zero, slots=zero, num_decode=1,
+            page_table=torch.zeros((1, 1), dtype=torch.int32, device=self.device),
+            context_lens=torch.ones(1, dtype=torch.int32, device=self.device),
+            prefills=[PrefillSpan(row=1, length=1, context_slots=zero[:1])],
+            logit_rows=torch.arange(2, device=self.device))
+        self.model.forward(batch, self.kv.layers)
+        self.kv.write(0, zero[:1], self.kv.read(0, zero[:1]))
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, seq_id, prompt: list[int], params: SamplingParams) -> Sequence:
