@@ -33,3 +33,18 @@ def test_engine_throughput_quick(tmp_path, mpiserve_cache):
                                                  for r in result["transformers_runs"]]
     assert len(result["correctness"]) > 0
     assert "| mpiserve |" in (out / "engine_throughput.md").read_text()
+
+
+def test_step_profile_quick(tmp_path, mpiserve_cache):
+    """`--quick` profiles both dtypes and reports operator shares and the roofline ratio."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "mpiserve.bench.step_profile", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "step_profile.json").read_text())
+    assert [r["dtype"] for r in report["runs"]] == ["float32", "bfloat16"]
+    for run in report["runs"]:
+        assert run["prefill"]["achieved_gflops"] > 0
+        assert run["fp32_matmul_gflops_of_model_shapes"] > 0
+        assert run["prefill"]["top_ops"] and run["decode"]["top_ops"]
+    assert "GFLOP/s" in (out / "step_profile.md").read_text()
