@@ -78,20 +78,48 @@ def _prefetch(typingctx, array, offset):
 
 
 def _float_row(row, scratch):
-    """``row`` as float32: itself when it is float32; a bfloat16 row (held as int16 bit
-    patterns) widened into ``scratch`` (exact: a bfloat16 is the top half of a float32)."""
+    """``row`` as float32: itself when it is float32; a half-precision row held as 16-bit
+    patterns (bfloat16 as int16, float16 as uint16) widened into ``scratch``, exactly."""
 
 
 @overload(_float_row, inline="always")
 def _float_row_impl(row, scratch):
     if row.dtype == types.float32:
         return lambda row, scratch: row
+    widen_one = _bfloat16_bits if row.dtype == types.int16 else _float16_bits
 
     def widen(row, scratch):
         for i in range(row.shape[0]):
-            scratch[i] = (np.uint32(row[i]) & np.uint32(0xFFFF)) << np.uint32(16)
+            scratch[i] = widen_one(np.uint32(row[i]) & np.uint32(0xFFFF))
         return scratch.view(np.float32)
     return widen
+
+
+@numba.njit(cache=True, inline="always")
+def _bfloat16_bits(h):
+    """float32 bit pattern of the bfloat16 with bits ``h``: its top half."""
+    return h << np.uint32(16)
+
+
+@numba.njit(cache=True, inline="always")
+def _float16_bits(h):
+    """float32 bit pattern of the IEEE half with bits ``h`` (normals, subnormals, zeros,
+    infinities and NaNs)."""
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mantissa = h & np.uint32(0x3FF)
+    if exponent == 0x1F:                                   # inf / NaN
+        return sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))
+    if exponent != 0:                                      # normal: rebias 15 -> 127
+        return sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
+    if mantissa == 0:
+        return sign
+    shift = np.uint32(0)                                   # subnormal: normalise the mantissa
+    while mantissa & np.uint32(0x400) == 0:
+        mantissa <<= np.uint32(1)
+        shift += np.uint32(1)
+    return (sign | ((np.uint32(113) - shift) << np.uint32(23))
+            | ((mantissa & np.uint32(0x3FF)) << np.uint32(13)))
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -262,8 +290,8 @@ def _decode_kernel(q, kv, page_table, context_lens, scale, out):
 
 
 def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
-    """Numba version of :func:`paged_decode_attention_reference` for CPU float32 and
-    bfloat16 KV (widened row by row as it is read; the query and all sums are float32).
+    """Numba version of :func:`paged_decode_attention_reference` for CPU float32, bfloat16
+    and float16 KV (widened row by row as it is read; the query and all sums are float32).
 
     Reads K/V straight from the pages (no gathered copy). Other dtypes and CUDA tensors go
     to the torch reference.
@@ -271,7 +299,7 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
     if not _numba_eligible(q, kv):
         return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
     out = torch.empty(q.shape, dtype=torch.float32)
-    pages = kv if kv.dtype == torch.float32 else kv.view(torch.int16)
+    pages = kv.view(_BITS_OF.get(kv.dtype, kv.dtype))
     _decode_kernel(
         _as_numpy(q.float()),
         _as_numpy(pages),
@@ -286,18 +314,22 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
 def paged_decode_attention(q, kv, page_table, context_lens, scale):
     """Paged decode attention; the entry point the model calls.
 
-    CPU float32 and bfloat16 run the numba kernel, which beat the torch reference at every
-    measured batch size and context length (``results/kernels.md``); float16 on CPU runs the
-    torch reference.
+    CPU float32, bfloat16 and float16 run the numba kernel, which beat the torch reference at
+    every measured batch size and context length (``results/kernels.md``).
     """
     if _numba_eligible(q, kv):
         return paged_decode_attention_numba(q, kv, page_table, context_lens, scale)
     return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
 
 
+# how the kernel receives half-precision KV: as 16-bit patterns whose integer type names the
+# format (numba has no bfloat16 or float16 on CPU)
+_BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16}
+
+
 def _numba_eligible(q, kv):
     return (q.device.type == kv.device.type == "cpu" and q.dtype == kv.dtype
-            and kv.dtype in (torch.float32, torch.bfloat16))
+            and kv.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
 def _as_numpy(tensor):
