@@ -34,6 +34,7 @@ PAGE_SIZE = 16
 DECODE_BATCHES = (1, 8, 32)
 DECODE_CONTEXTS = (128, 512, 2048)
 DECODE_HEADS = ((8, 4), (8, 2))  # (query heads, kv heads), head_dim 64
+DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PACK_TOKENS = (64, 256, 1024, 2048)
 PACK_SHAPE = (8, 128)  # kv heads, head_dim of one Llama-3-8B layer
 PACK_POOL_PAGES = 1024
@@ -68,27 +69,30 @@ def row(kernel: str, shape: dict, reference, numba_fn, args: tuple) -> dict:
 
 def decode_rows() -> list[dict]:
     rows = []
-    for heads, kv_heads in DECODE_HEADS:
-        for batch in DECODE_BATCHES:
-            for context in DECODE_CONTEXTS:
-                args = decode_inputs(batch, context, heads, kv_heads, head_dim=64)
-                shape = {"batch": batch, "context": context, "heads": heads,
-                         "kv_heads": kv_heads, "head_dim": 64, "page_size": PAGE_SIZE,
-                         "dtype": "float32"}
-                rows.append(row("decode_attention", shape, paged_decode_attention_reference,
-                                paged_decode_attention_numba, args))
-                print_row(rows[-1])
+    for dtype in DECODE_DTYPES:
+        for heads, kv_heads in DECODE_HEADS:
+            for batch in DECODE_BATCHES:
+                for context in DECODE_CONTEXTS:
+                    args = decode_inputs(batch, context, heads, kv_heads, 64, dtype)
+                    shape = {"batch": batch, "context": context, "heads": heads,
+                             "kv_heads": kv_heads, "head_dim": 64, "page_size": PAGE_SIZE,
+                             "dtype": str(dtype).removeprefix("torch.")}
+                    rows.append(row("decode_attention", shape,
+                                    paged_decode_attention_reference,
+                                    paged_decode_attention_numba, args))
+                    print_row(rows[-1])
     return rows
 
 
-def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int):
-    """Random float32 inputs; every sequence holds ``context`` tokens on shuffled pages."""
+def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim: int,
+                  dtype: torch.dtype):
+    """Random inputs; every sequence holds ``context`` tokens on shuffled pages."""
     pages_per_seq = -(-context // PAGE_SIZE)
     num_pages = batch * pages_per_seq
-    kv = torch.randn(2, num_pages, PAGE_SIZE, kv_heads, head_dim)
+    kv = torch.randn(2, num_pages, PAGE_SIZE, kv_heads, head_dim).to(dtype)
     page_table = torch.randperm(num_pages).view(batch, pages_per_seq).to(torch.int32)
     context_lens = torch.full((batch,), context, dtype=torch.int32)
-    q = torch.randn(batch, heads, head_dim)
+    q = torch.randn(batch, heads, head_dim).to(dtype)
     return q, kv, page_table, context_lens, head_dim ** -0.5
 
 
