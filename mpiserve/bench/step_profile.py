@@ -54,8 +54,9 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def random_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
-    rng = random.Random(SEED + length)
+def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """Fresh token ids per seed, so no pass hits the prefix cache of another."""
+    rng = random.Random(seed)
     return [[rng.randrange(5, vocab) for _ in range(length)] for _ in range(count)]
 
 
@@ -109,11 +110,11 @@ def profiled(llm: LLM, prompts, params) -> tuple[float, list[dict], float]:
 def measure(model_dir: str, dtype: str, passes: Passes) -> dict:
     llm = LLM(model_dir, dtype=dtype, **ENGINE_OPTIONS)
     vocab = min(llm.engine.model_config.vocab_size, 2000)
-    prefill = random_prompts(passes.prefill_prompts, passes.prompt_len, vocab)
-    decode = random_prompts(passes.decode_prompts, 32, vocab)
+    prefill = random_prompts(passes.prefill_prompts, passes.prompt_len, vocab, SEED)
+    decode = random_prompts(passes.decode_prompts, 32, vocab, SEED + 1)
     wall, prefill_top, prefill_outside = profiled(llm, prefill, greedy(1))
-    plain_wall = _seconds(lambda: llm.generate(random_prompts(
-        passes.prefill_prompts, passes.prompt_len, vocab - 1), greedy(1), progress=False))
+    unprofiled = random_prompts(passes.prefill_prompts, passes.prompt_len, vocab, SEED + 2)
+    plain_wall = _seconds(lambda: llm.generate(unprofiled, greedy(1), progress=False))
     decode_wall, decode_top, decode_outside = profiled(llm, decode, greedy(passes.decode_tokens))
     achieved = prefill_flops(llm, passes) / plain_wall
     roofline = matmul_flops_per_s(llm, ENGINE_OPTIONS["max_batch_tokens"])
