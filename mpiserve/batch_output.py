@@ -105,6 +105,7 @@ class BatchOutput:
         self.done_ids: set[str] = set()
         self.done_lines: set[int] = set()
         self._fsync = fsync
+        _check_writable(self.path)
         self._lock = _lock(self.path)
         try:
             good_bytes = self._scan()
@@ -172,6 +173,18 @@ def _parse_record(raw: bytes) -> dict | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output that is a directory or lies in a missing or read-only directory."""
+    if path.is_dir():
+        raise BatchOutputError(f"output {path} is a directory; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise BatchOutputError(f"output {path}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path,
+                                                                                    os.W_OK)):
+        raise BatchOutputError(f"output {path} is not writable")
 
 
 def _lock(path: Path):

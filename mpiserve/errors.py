@@ -15,3 +15,7 @@ class InvalidRequestError(MpiserveError, ValueError):
 
 class CapacityError(MpiserveError):
     """A request can never fit in the engine's KV page pool."""
+
+
+class RouterMisuseError(MpiserveError):
+    """A router broke a rule of the router contract (what it yields, how it calls engines)."""

@@ -97,6 +97,8 @@ def _prepare_router(options: JobOptions):
         output = BatchOutput(options.output)
     except MpiserveError as exc:
         return str(exc)
+    except OSError as exc:                # unexpected, but the other ranks wait on the answer
+        return f"{exc.filename or 'input/output'}: {exc.strerror or exc}"
     return route, items, model_dir, config, tokenizer, output
 
 

@@ -57,6 +57,25 @@ async def route(request, cluster):
         yield tokens
 '''
 
+MISUSING_ROUTER = '''
+async def route(request, cluster):
+    engine = cluster.engines[0]
+    kind = request.id.split("-")[0]
+    if kind == "string":
+        yield "abc"
+    elif kind == "outside":
+        yield [10**9, -1]
+    elif kind == "silent":
+        return
+    elif kind == "twice":
+        for _ in range(2):
+            async for tokens in engine.start_generate(request):
+                yield tokens
+    else:
+        async for tokens in engine.start_generate(request):
+            yield tokens
+'''
+
 
 # ---- running a job ---------------------------------------------------------------------------
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -342,6 +361,39 @@ def test_router_that_raises_fails_only_its_request(tmp_path, model_dir, batch):
     for i in ok:
         assert token_ids(by_id[i]) == batch["expected"][i]
     assert "3 completed, 4 errors" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["missing-dir/out.jsonl", "a-directory"])
+def test_unusable_output_exits_2_before_loading(tmp_path, model_dir, batch, where):
+    (tmp_path / "a-directory").mkdir()
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(batch["lines"][0]) + "\n")
+    result = mpirun(3, "--model", model_dir, "--prefill", 1, "--decode", 1, "--input", source,
+                    "--output", tmp_path / where, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, describe(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and where.split("/")[0] in errors[0], describe(result)
+
+
+def test_router_breaking_the_contract_gets_one_error_record_each(tmp_path, model_dir, batch):
+    """Yielding a string or ids outside the vocabulary, returning without generating, and
+    generating twice each give the request a router_error naming the rule; nothing is lost."""
+    path = tmp_path / "misusing_router.py"
+    path.write_text(MISUSING_ROUTER)
+    prompts = random_prompts([9] * 4, seed=21)
+    bad = {"string-0": "yields lists of token ids", "outside-0": "yields lists of token ids",
+           "silent-0": "returned before a start_generate stream finished",
+           "twice-0": "start_generate called again"}
+    lines = [batch["lines"][0], *(completion(i, p) for i, p in zip(bad, prompts))]
+    result, by_id = serve(tmp_path, model_dir, lines, router=f"{path}:route")
+    assert len(result.records) == len(lines), describe(result)
+    assert token_ids(by_id["req-0"]) == batch["expected"]["req-0"]
+    for custom_id, rule in bad.items():
+        error = by_id[custom_id]["error"]
+        assert error is not None and error["code"] == "router_error", by_id[custom_id]
+        assert rule in error["message"] and "misusing_router.py" in error["message"], error
+    assert "1 completed, 4 errors" in result.stderr, describe(result)
+    assert "never retrieved" not in result.stderr, describe(result)
 
 
 def test_malformed_line_gets_an_error_record_naming_it(tmp_path, model_dir, batch):

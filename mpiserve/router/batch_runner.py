@@ -7,10 +7,12 @@ import asyncio
 import time
 import traceback
 from dataclasses import dataclass, field
+from numbers import Integral
 
 from ..batch_input import BatchItem
 from ..batch_output import BatchOutput, completion_record, error_record
 from ..cluster.messages import Request
+from ..errors import RouterMisuseError
 from ..stopping import visible_text
 from ..tokenizer import Tokenizer
 from .cluster import Cluster
@@ -34,6 +36,16 @@ class BatchTally:
     @property
     def in_flight(self) -> int:
         return self.seen - self.skipped - self.completed - self.failed - self.abandoned
+
+
+def checked_tokens(chunk, vocab_size: int) -> list[int]:
+    """A router's yield must be a list of token ids in [0, vocab_size)."""
+    if not isinstance(chunk, list | tuple) or not all(
+            isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
+            for t in chunk):
+        raise RouterMisuseError(f"the router yielded {chunk!r:.80}; a router yields lists of "
+                                f"token ids in [0, {vocab_size})")
+    return [int(t) for t in chunk]
 
 
 @dataclass(frozen=True)
@@ -179,12 +191,15 @@ class BatchRunner:
         return None
 
     async def _serve(self, item: BatchItem, request: Request) -> None:
+        """Exactly one record for `item`, whatever the router does (an engine failure ends
+        the job instead)."""
         trace = self.cluster.trace(request)
         trace.started = time.monotonic()
-        tokens: list[int] = []
         try:
-            async for chunk in self.route(request, self.cluster):
-                tokens.extend(chunk)
+            tokens = await self._routed_tokens(request)
+            trace.finished = time.monotonic()
+            await self._release_leftovers(request)
+            self._write_result(item, request, tokens, self.cluster.pop_trace(request))
         except EngineFailure:
             raise
         except Exception as exc:
@@ -193,11 +208,16 @@ class BatchRunner:
             self._write_error(item, f"router {self.router_name} failed on {item.custom_id!r}: "
                               f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                               code="router_error")
-            return
-        trace.finished = time.monotonic()
-        await self._release_leftovers(request)
-        trace = self.cluster.pop_trace(request)
-        self._write_result(item, request, tokens, trace)
+
+    async def _routed_tokens(self, request: Request) -> list[int]:
+        """The tokens the router yields, checked against the router contract."""
+        tokens: list[int] = []
+        async for chunk in self.route(request, self.cluster):
+            tokens.extend(checked_tokens(chunk, self.limits.vocab_size))
+        if self.cluster.trace(request).finish_reason is None:
+            raise RouterMisuseError("the router returned before a start_generate stream "
+                                    "finished: it must yield one stream to its end")
+        return tokens
 
     async def _release_leftovers(self, request: Request) -> None:
         """Free pages the router reserved with prep_recv but never generated on (it failed,

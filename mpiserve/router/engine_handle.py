@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ..cluster.messages import KVAddress, Request, TokenUpdate, TransferDone
+from ..errors import RouterMisuseError
 from .dispatcher import Dispatcher
 
 
@@ -85,6 +86,10 @@ class EngineHandle:
     async def start_generate(self, request: Request, begin: int = 0) -> AsyncIterator[list[int]]:
         """Prefill prompt[begin:] on top of the KV this engine holds and stream new tokens."""
         trace = self._cluster.trace(request)
+        trace.generations += 1
+        if trace.generations > 1:
+            raise RouterMisuseError(f"start_generate called again for request {request.id!r}: "
+                                    "a request generates once, on one engine")
         trace.engines.add(self.rank)
         trace.reserved.discard(self.rank)     # the reservation becomes this generation
         work = len(request.prompt) - request.resolve(begin, 0)

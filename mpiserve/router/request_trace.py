@@ -21,6 +21,7 @@ class RequestTrace:
     token_times: list[float] = field(default_factory=list)
     finished: float | None = None
     finish_reason: str | None = None
+    generations: int = 0                     # start_generate calls (the contract allows one)
     engines: set[int] = field(default_factory=set)
     reserved: set[int] = field(default_factory=set)   # ranks holding prep_recv pages for it
     kv_bytes: int = 0
