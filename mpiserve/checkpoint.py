@@ -23,6 +23,9 @@ def load_checkpoint(model_dir: str | Path, dtype: str | torch.dtype | None = Non
                     ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and weights of `model_dir`, cast to `dtype` (None: the checkpoint's dtype)."""
     model_dir = Path(model_dir)
+    if model_dir.suffix == ".gguf":
+        from .gguf_checkpoint import load_gguf_checkpoint
+        return load_gguf_checkpoint(model_dir, resolve_dtype(dtype) if dtype else None)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory does not exist")
     config = ModelConfig.from_dir(model_dir)
