@@ -8,6 +8,9 @@ max-subtracted softmax; they agree to a few float32 roundings (the numba kernel 
 products and exponentials in SIMD lanes, so not in the reference's order).
 """
 
+import functools
+import warnings
+
 import numba
 import numpy as np
 import torch
@@ -315,11 +318,36 @@ def paged_decode_attention(q, kv, page_table, context_lens, scale):
     """Paged decode attention; the entry point the model calls.
 
     CPU float32, bfloat16 and float16 run the numba kernel, which beat the torch reference at
-    every measured batch size and context length (``results/kernels.md``).
+    every measured batch size and context length (``results/kernels.md``); CUDA tensors run
+    the numba-cuda kernel of :mod:`.paged_attention_cuda`.
     """
     if _numba_eligible(q, kv):
         return paged_decode_attention_numba(q, kv, page_table, context_lens, scale)
+    if q.is_cuda:
+        return _cuda_or_reference(q, kv, page_table, context_lens, scale)
     return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
+
+
+def _cuda_or_reference(q, kv, page_table, context_lens, scale):
+    """CUDA tensors: the numba-cuda kernel (imported only here, so CPU-only installs never
+    load numba.cuda); the torch reference, with a one-time warning naming why, when
+    numba-cuda is missing or cannot run these tensors."""
+    try:
+        from . import paged_attention_cuda as gpu
+    except ImportError as error:
+        reason = f"numba-cuda is not importable ({error}); install mpiserve[gpu]"
+    else:
+        reason = gpu.unavailable_reason(q, kv)
+        if reason is None:
+            return gpu.paged_decode_attention_cuda(q, kv, page_table, context_lens, scale)
+    _warn_fallback(reason)
+    return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
+
+
+@functools.cache
+def _warn_fallback(reason):
+    warnings.warn(f"CUDA decode attention falls back to the torch reference: {reason}",
+                  RuntimeWarning, stacklevel=3)
 
 
 # how the kernel receives half-precision KV: as 16-bit patterns whose integer type names the
