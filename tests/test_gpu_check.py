@@ -1,0 +1,34 @@
+"""The prepared GPU check runs every step on CPU (`--device cpu --quick`), so it cannot rot
+between the runs on a GPU machine; without a GPU the default device stops with a clear message."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mpiserve.bench import gpu_check
+
+
+def test_cpu_quick_run_writes_every_section(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    gpu_check.main(["--device", "cpu", "--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    greedy = result["greedy"]
+    assert greedy["prompts"] == 4
+    assert greedy["first_token_identical"] == 4, greedy
+    assert result["throughput"]["mpiserve"]["tokens_per_s"] > 0
+    assert result["throughput"]["transformers"]["tokens_per_s"] > 0
+    assert result["kernel_path"] == "numba CPU kernel"
+    (row,) = result["decode_attention"]
+    assert row["max_abs_error"] < 1e-2, row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_without_gpu_exits_naming_the_cause(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mpiserve.bench.gpu_check", "--out",
+                           str(tmp_path / "x.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "no CUDA GPU" in done.stderr
+    assert not (tmp_path / "x.json").exists()
