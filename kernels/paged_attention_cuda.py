@@ -32,12 +32,19 @@ def unavailable_reason(q, kv):
     """Why the kernel cannot run on these tensors, or None when it can."""
     if not cuda.is_available():
         return "numba-cuda finds no usable CUDA driver/device"
+    if not _nvvm_available():
+        return "numba-cuda finds no NVVM to compile with (pip install 'numba-cuda[cu12]')"
     if q.dtype != kv.dtype or kv.dtype not in _WIDEN_OF:
         return (f"q {q.dtype} / kv {kv.dtype}: the kernel takes matching float32, "
                 "float16 or bfloat16")
     if q.shape[2] > THREADS * PER_THREAD:
         return f"head_dim {q.shape[2]} exceeds {THREADS * PER_THREAD}"
     return None
+
+
+def _nvvm_available():
+    from numba.cuda.cudadrv import nvvm
+    return nvvm.is_available()
 
 
 def paged_decode_attention_cuda(q, kv, page_table, context_lens, scale):
