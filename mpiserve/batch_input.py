@@ -57,7 +57,8 @@ class BatchItem:
     """One input line: a request (`error` is None) or the reason it cannot run.
 
     `kind` is "completion" or "chat" (None if the url was not reached or is wrong);
-    `custom_id` is None when it is missing, not a string, or repeats an earlier line's.
+    `custom_id` is None when it is missing or not a string, or when the line is not JSON.
+    `duplicate_of` is the earlier line whose custom_id this line repeats (an error).
     """
 
     line_no: int
@@ -68,6 +69,13 @@ class BatchItem:
     params: SamplingParams | None = None
     arrival_s: float | None = None
     error: str | None = None
+    duplicate_of: int | None = None
+
+    @property
+    def error_code(self) -> str:
+        """The code of this line's error record: a repeated id is told apart, since its
+        record carries an id that another line's record answers for."""
+        return "duplicate_custom_id" if self.duplicate_of is not None else "invalid_request"
 
 
 def read_batch(path: str | Path) -> Iterator[BatchItem]:
@@ -98,8 +106,12 @@ def _items(file: IO[bytes], source: str) -> Iterator[BatchItem]:
 def _item(raw: bytes, line_no: int, source: str, seen: dict[str, int]) -> BatchItem:
     fields: dict = {"line_no": line_no}
     try:
-        request = _decode(raw)
-        fields["custom_id"] = _custom_id(request, line_no, seen)
+        request = _decode(raw.removeprefix(codecs.BOM_UTF8))
+        fields["custom_id"] = _custom_id(request)
+        _claim_id(fields, seen)
+        if raw.startswith(codecs.BOM_UTF8):      # _items strips line 1's
+            raise _LineError(
+                "starts with a byte order mark; a byte order mark is allowed only on line 1")
         fields["arrival_s"] = _arrival(request)
         fields["kind"] = _kind(request)
         fields.update(_body(request, fields["kind"]))
@@ -125,14 +137,20 @@ def _decode(raw: bytes) -> dict:
     return request
 
 
-def _custom_id(request: dict, line_no: int, seen: dict[str, int]) -> str:
+def _custom_id(request: dict) -> str:
     custom_id = _required(request, "custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise _LineError(f"custom_id must be a non-empty string (got {_show(custom_id)})")
-    if custom_id in seen:
-        raise _LineError(f"custom_id {_show(custom_id)} duplicates line {seen[custom_id]}")
-    seen[custom_id] = line_no
     return custom_id
+
+
+def _claim_id(fields: dict, seen: dict[str, int]) -> None:
+    """Take the line's custom_id for it, or mark the line a duplicate of the one that has it."""
+    custom_id = fields["custom_id"]
+    if custom_id in seen:
+        fields["duplicate_of"] = seen[custom_id]
+        raise _LineError(f"custom_id {_show(custom_id)} duplicates line {seen[custom_id]}")
+    seen[custom_id] = fields["line_no"]
 
 
 def _kind(request: dict) -> str:

@@ -7,14 +7,19 @@ Records follow OpenAI's batch output format. Extensions: a completion's
 `BatchOutput` appends records one whole line at a time, so a run killed at any point
 leaves at most a torn last line, which the next run cuts off before it resumes. A run
 knows what is already done from `done_ids` (custom_ids with a record) and `done_lines`
-(input lines answered by a record without a custom_id). An exclusive `flock` on the
-sidecar `<output>.lock` makes a second run pointed at the same output refuse to start;
-the lock file stays behind on purpose (removing it would let two runs lock different
-files).
+(input lines answered by an error record). A line whose custom_id repeats an earlier
+line's gets a "duplicate_custom_id" record that keeps the id but answers only for its line.
+
+An exclusive `flock` on the sidecar `<output>.lock` makes a second run pointed at the same
+output refuse to start. `close` removes the lock file; a run that is killed leaves it
+behind, unlocked (the kernel drops a dead process's flock), and the next run simply takes
+it. A run that locked a lock file just removed by its owner sees that the path no longer
+names the file it holds, and opens the path again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -26,6 +31,7 @@ from .batch_input import BatchItem
 from .errors import MpiserveError
 
 FINISH_REASONS = ("stop", "length")
+CLIENT_FAULTS = ("invalid_request", "duplicate_custom_id")     # status 400; other codes 500
 
 
 class BatchOutputError(MpiserveError):
@@ -67,7 +73,7 @@ def completion_record(item: BatchItem, request_id, token_ids, text: str, finish_
 
 def error_record(item_or_custom_id: BatchItem | str | None, message: str,
                  code: str = "invalid_request") -> dict:
-    """The record of a request that failed: status 400 for "invalid_request", else 500.
+    """The record of a request that failed: status 400 for the `CLIENT_FAULTS`, else 500.
 
     Given a `BatchItem`, the record carries its input line as `error.line`. A record
     without a custom_id (the line had none usable) has no `response`.
@@ -82,7 +88,7 @@ def error_record(item_or_custom_id: BatchItem | str | None, message: str,
         error["line"] = line
     response = None
     if custom_id is not None:
-        client_fault = code == "invalid_request"
+        client_fault = code in CLIENT_FAULTS
         response = {
             "status_code": 400 if client_fault else 500,
             "request_id": request_id,
@@ -117,7 +123,7 @@ class BatchOutput:
 
     def is_done(self, item: BatchItem) -> bool:
         """Whether the output already answers this input line."""
-        if item.custom_id is None:
+        if item.custom_id is None or item.duplicate_of is not None:
             return item.line_no in self.done_lines
         return item.custom_id in self.done_ids
 
@@ -130,7 +136,10 @@ class BatchOutput:
         self._remember(record)
 
     def close(self) -> None:
+        """Close the output and remove the lock file (unlinked while still held)."""
         self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock.name)
         self._lock.close()
 
     def __enter__(self) -> BatchOutput:
@@ -158,10 +167,11 @@ class BatchOutput:
         return good_bytes
 
     def _remember(self, record: dict) -> None:
-        if record.get("custom_id") is not None:
+        error = record.get("error") if isinstance(record.get("error"), dict) else {}
+        if "line" in error:
+            self.done_lines.add(error["line"])
+        if record.get("custom_id") is not None and error.get("code") != "duplicate_custom_id":
             self.done_ids.add(record["custom_id"])
-        elif isinstance(record.get("error"), dict) and "line" in record["error"]:
-            self.done_lines.add(record["error"]["line"])
 
 
 def _parse_record(raw: bytes) -> dict | None:
@@ -187,9 +197,22 @@ def _check_writable(path: Path) -> None:
         raise BatchOutputError(f"output {path} is not writable")
 
 
+LOCK_ATTEMPTS = 5
+
+
 def _lock(path: Path):
     """Hold an exclusive lock on `<path>.lock` for as long as the returned file is open."""
     lock_path = f"{path}.lock"
+    for _ in range(LOCK_ATTEMPTS):
+        handle = _locked_file(path, lock_path)
+        if _still_named(handle, lock_path):
+            return handle
+        handle.close()                     # its owner removed it as we locked it: try anew
+    raise BatchOutputError(f"cannot lock {lock_path} for output {path}: it is removed and "
+                           f"created again by other runs ({LOCK_ATTEMPTS} attempts)")
+
+
+def _locked_file(path: Path, lock_path: str):
     handle = open(lock_path, "a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -204,3 +227,13 @@ def _lock(path: Path):
             f"cannot lock {lock_path} for output {path}: {err.strerror} "
             "(the file system may not support flock)") from err
     return handle
+
+
+def _still_named(handle, lock_path: str) -> bool:
+    """Whether `lock_path` still names the file `handle` has open."""
+    try:
+        named = os.stat(lock_path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -13,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpiserve.batch_input import URL_KINDS, BatchInputError, BatchItem, read_batch
-from mpiserve.batch_output import BatchOutput, BatchOutputError, completion_record, error_record
+from mpiserve.batch_output import (
+    BatchOutput,
+    BatchOutputError,
+    _still_named,
+    completion_record,
+    error_record,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +136,7 @@ def test_mixed_file_keeps_order_and_count():
     items = read_items(*lines)
     assert [item.line_no for item in items] == [1, 2, 5, 6, 7, 8, 9]
     assert [item.error is None for item in items] == [True, False, False, True, False, False, True]
-    assert [item.custom_id for item in items] == ["a", None, "b", "c", None, None, "d"]
+    assert [item.custom_id for item in items] == ["a", None, "b", "c", None, "a", "d"]
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
@@ -200,6 +206,29 @@ def test_byte_order_mark_and_crlf(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(request("a")).encode() + b"\r\n"
                      + json.dumps(request("b")).encode() + b"\r\n")
     assert [(i.custom_id, i.error) for i in read_batch(path)] == [("a", None), ("b", None)]
+
+
+def test_byte_order_mark_on_a_later_line_is_an_error_that_keeps_the_id():
+    bom = b"\xef\xbb\xbf"
+    first, later = read_items(bom + line_bytes(request("a")), bom + line_bytes(request("b")))
+    assert first.error is None
+    assert later.custom_id == "b" and later.duplicate_of is None
+    assert "line 2" in later.error and "byte order mark is allowed only on line 1" in later.error
+    assert error_record(later, later.error)["custom_id"] == "b"
+
+
+def test_duplicate_id_record_keeps_the_id_but_answers_only_its_line(tmp_path):
+    """The repeat's record names the id it read, and a resume still runs the first line
+    when only the repeat has a record."""
+    first, repeat = read_items(request("a"), request("a"))
+    assert repeat.custom_id == "a" and repeat.duplicate_of == 1
+    assert "duplicates line 1" in repeat.error
+    record = error_record(repeat, repeat.error, repeat.error_code)
+    assert record["custom_id"] == "a" and record["response"]["status_code"] == 400
+    with BatchOutput(tmp_path / "out.jsonl") as output:
+        output.write(record)
+    with BatchOutput(tmp_path / "out.jsonl") as output:
+        assert output.is_done(repeat) and not output.is_done(first)
 
 
 def test_missing_input_file_names_it(tmp_path):
@@ -358,9 +387,24 @@ def test_killed_run_releases_lock(tmp_path):
     holder = start_holder(out)
     holder.send_signal(signal.SIGKILL)
     holder.communicate(timeout=30)
+    assert Path(f"{out}.lock").exists()            # stale, but no longer locked
     with BatchOutput(out) as output:
         output.write(error_record("a", "x"))
     assert out.read_bytes().count(b"\n") == 1
+    assert not Path(f"{out}.lock").exists()
+
+
+def test_lock_file_removed_under_a_late_locker_is_noticed(tmp_path):
+    """A run that opened the lock file just before its owner closed (and removed) it holds
+    a nameless file; it must see that and lock the path afresh."""
+    out = tmp_path / "out.jsonl"
+    first = BatchOutput(out)
+    late = open(f"{out}.lock", "a")
+    first.close()
+    assert not _still_named(late, f"{out}.lock")
+    late.close()
+    with BatchOutput(out):
+        assert Path(f"{out}.lock").exists()
 
 
 def test_same_process_cannot_open_twice(tmp_path):

@@ -157,7 +157,7 @@ class BatchRunner:
 
     def _request_or_error(self, item: BatchItem) -> Request | None:
         if item.error is not None:
-            self._write_error(item, item.error)
+            self._write_error(item, item.error, item.error_code)
             return None
         try:
             prompt = self._prompt_ids(item)
