@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transfer-timeout", type=float, default=60.0,
                      help="seconds before a KV transfer is given up (the request recomputes)")
     run.add_argument("--heartbeat-timeout", type=float, default=120.0,
-                     help="seconds of silence after which an engine rank counts as dead")
+                     help="seconds of silence after which an engine rank counts as dead "
+                          "(the job then exits 1; requests in flight are left for the re-run)")
+    run.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds a request's router may take; then the request is aborted "
+                          "on the engines and gets a request_timeout error record")
     run.add_argument("--bind-interface", metavar="NAME",
                      help="network interface whose address rank 0 offers the other ranks for "
                           "the data plane (default: chosen from the subnet the nodes share; "
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
                 record_itl=args.record_itl,
                 dashboard=args.dashboard, run_dir=args.run_dir,
                 transfer_timeout_s=args.transfer_timeout,
-                heartbeat_timeout_s=args.heartbeat_timeout, fail_transfers=args.fail_transfers,
+                heartbeat_timeout_s=args.heartbeat_timeout,
+                request_timeout_s=args.request_timeout, fail_transfers=args.fail_transfers,
                 engine=engine_config(args)))
     except MpiserveError as exc:
         if not getattr(exc, "quiet", False):     # quiet: another rank prints the same error

@@ -33,6 +33,7 @@ class JobOptions:
     run_dir: str | None = None
     transfer_timeout_s: float = 60.0
     heartbeat_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
     fail_transfers: int = 0
     engine: EngineConfig = EngineConfig()
 
@@ -105,10 +106,12 @@ def _prepare_router(options: JobOptions):
 def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
     from .cluster.control import ControlChannel
     from .cluster.engine_worker import EngineWorker, WorkerOptions, report_fatal
+    from .cluster.heartbeat import HeartbeatSender, heartbeat_interval
     from .engine import Engine
     for sig in STOP_SIGNALS:               # rank 0 decides how the job stops
         signal.signal(sig, signal.SIG_IGN)
     worker = None
+    heartbeat = HeartbeatSender(comm, heartbeat_interval(options.heartbeat_timeout_s)).start()
     try:
         engine = Engine(options.engine)
         worker = EngineWorker(comm, engine, layout.role(comm.Get_rank()), WorkerOptions(
@@ -118,6 +121,7 @@ def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
         report_fatal(worker.control if worker is not None else ControlChannel(comm), exc)
         _wait_for_abort(comm, options.heartbeat_timeout_s)
         return EXIT_FAILED
+    heartbeat.stop()
     _close_data_plane()
     return EXIT_OK
 
@@ -175,7 +179,8 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
                          min(options.engine.max_model_len or 1 << 62, config.context_limit))
     runner = BatchRunner(cluster, route, options.router, tokenizer, limits, output,
                          options.max_inflight, options.drain_timeout_s,
-                         record_itl=options.record_itl)
+                         record_itl=options.record_itl,
+                         request_timeout_s=options.request_timeout_s)
     observer = JobObserver(options.dashboard, job_info(options, comm.Get_size(), name, roles),
                            dispatcher, cluster, runner.tally, run_dir(options))
     loop = asyncio.get_running_loop()

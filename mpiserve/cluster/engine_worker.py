@@ -65,6 +65,7 @@ class EngineWorker:
         self.options = options
         self.fail_budget = options.fail_transfers
         self.generating: dict[int, int] = {}            # id(seq) -> start_generate call id
+        self.generating_seqs: dict[str, Sequence] = {}   # request id -> generating seq
         self.reservations: dict[str, Sequence] = {}      # request id -> seq from prep_recv
         self.waiting_reservations: deque[Call] = deque()
         self.to_send: dict[int, OutgoingTransfer] = {}   # id(prefill seq) -> its transfer
@@ -72,7 +73,7 @@ class EngineWorker:
         self.incoming: list[IncomingStep] = []              # in announcement order
         self.receiving: dict[int, IncomingCall] = {}        # remote_send call id -> progress
         self.counters = {"kv_bytes_sent": 0, "kv_bytes_received": 0, "transfers_failed": 0,
-                         "fallbacks": 0, "requests_done": 0}
+                         "fallbacks": 0, "requests_done": 0, "requests_aborted": 0}
         self.stopping = False
         self.host = socket.gethostname()
         self.busy_s = 0.0                                # time spent in engine steps
@@ -321,6 +322,22 @@ class EngineWorker:
         seq.fallback = held < min(begin, len(request.prompt) - 1)
         self.counters["fallbacks"] += seq.fallback
         self.generating[id(seq)] = call.call_id
+        self.generating_seqs[request.id] = seq
+
+    # ---- abort (a request timed out on rank 0) ------------------------------------------------
+    def _abort(self, call: Call) -> None:
+        """Forget a request: its waiting or granted reservation, and its generation (pages
+        freed; the stream ends with finish_reason "abort" and no further token)."""
+        request_id = call.request.id
+        self.waiting_reservations = deque(c for c in self.waiting_reservations
+                                          if c.request.id != request_id)
+        self._drop_reservation(request_id)
+        seq = self.generating_seqs.pop(request_id, None)
+        if seq is not None:
+            self.engine.abort(seq)
+            self.counters["requests_aborted"] += 1
+            self._reply(TokenBatch([TokenUpdate(self.generating.pop(id(seq)), [], "abort")]))
+        self._reply(Reply(call.call_id))
 
     def _step(self) -> None:
         updates = []
@@ -335,6 +352,7 @@ class EngineWorker:
             info = None
             if event.finished:
                 del self.generating[id(seq)]
+                self.generating_seqs.pop(seq.seq_id, None)
                 self.counters["requests_done"] += 1
                 info = {"prefix_matched": seq.prefix_matched, "fallback": seq.fallback,
                         "preemptions": seq.num_preemptions}

@@ -59,11 +59,12 @@ class BatchRunner:
     def __init__(self, cluster: Cluster, route, router_name: str, tokenizer: Tokenizer,
                  limits: ModelLimits, output: BatchOutput, max_inflight: int,
                  drain_timeout_s: float = 60.0, record_itl: bool = False,
-                 ready_poll_s: float = 0.05):
+                 ready_poll_s: float = 0.05, request_timeout_s: float = 600.0):
         self.cluster, self.route, self.router_name = cluster, route, router_name
         self.tokenizer, self.limits, self.output = tokenizer, limits, output
         self.max_inflight = max_inflight
         self.drain_timeout_s = drain_timeout_s
+        self.request_timeout_s = request_timeout_s
         self.record_itl = record_itl          # per-request inter-token latencies in metrics
         self.ready_poll_s = ready_poll_s
         self.tally = BatchTally()
@@ -80,6 +81,19 @@ class BatchRunner:
         self.tally.total = total
         slots = asyncio.Semaphore(self.max_inflight)
         tasks = set()
+        watch = asyncio.create_task(self._stop_on_engine_failure())
+        try:
+            await self._admit(items, slots, tasks)
+        finally:
+            watch.cancel()
+        return self.tally
+
+    async def _stop_on_engine_failure(self) -> None:
+        """A lost engine stops admission at once (not a user's stop: nothing is drained)."""
+        await self.cluster.engine_failed()
+        self.stopping.set()
+
+    async def _admit(self, items, slots: asyncio.Semaphore, tasks: set) -> None:
         await self._engines_ready()
         self.clock_origin = time.monotonic()
         for item in items:
@@ -106,8 +120,9 @@ class BatchRunner:
             task = asyncio.create_task(self._serve(item, request))
             tasks.add(task)
             task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+        self.cluster.check_engines()
         await self._finish(set(tasks))
-        return self.tally
+        self.cluster.check_engines()
 
     async def _engines_ready(self) -> None:
         """Wait (polling gently) until every engine has loaded and reported, or a stop."""
@@ -148,8 +163,9 @@ class BatchRunner:
         await asyncio.wait({everything, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if everything.done():
-            everything.result()                      # re-raise an engine failure
+            everything.result()
             return
+        self.cluster.check_engines()
         try:
             await asyncio.wait_for(everything, self.drain_timeout_s)
         except asyncio.TimeoutError:
@@ -191,17 +207,31 @@ class BatchRunner:
         return None
 
     async def _serve(self, item: BatchItem, request: Request) -> None:
-        """Exactly one record for `item`, whatever the router does (an engine failure ends
-        the job instead)."""
+        """Exactly one record for `item`, whatever the router does. A lost engine ends the
+        job instead: the request is left without a record, so the re-run serves it again."""
+        try:
+            await self._serve_or_fail(item, request)
+        except EngineFailure:
+            return
+
+    async def _serve_or_fail(self, item: BatchItem, request: Request) -> None:
         trace = self.cluster.trace(request)
         trace.started = time.monotonic()
         try:
-            tokens = await self._routed_tokens(request)
+            tokens = await asyncio.wait_for(self._routed_tokens(request),
+                                            self.request_timeout_s)
             trace.finished = time.monotonic()
             await self._release_leftovers(request)
             self._write_result(item, request, tokens, self.cluster.pop_trace(request))
         except EngineFailure:
             raise
+        except asyncio.TimeoutError:
+            await self._abort_everywhere(request)
+            self.cluster.pop_trace(request)
+            self._write_error(item, f"router {self.router_name} did not finish "
+                              f"{item.custom_id!r} within --request-timeout "
+                              f"{self.request_timeout_s:g} s; the request was aborted",
+                              code="request_timeout")
         except Exception as exc:
             await self._release_leftovers(request)
             self.cluster.pop_trace(request)
@@ -225,6 +255,13 @@ class BatchRunner:
         reserved = self.cluster.trace(request).reserved
         for engine in [e for e in self.cluster.engines if e.rank in reserved]:
             await engine.release(request)
+
+    async def _abort_everywhere(self, request: Request) -> None:
+        """After a timeout: every engine the request touched drops its reservation and stops
+        generating it (its pages are freed, no token follows)."""
+        touched = self.cluster.trace(request).engines
+        for engine in [e for e in self.cluster.engines if e.rank in touched]:
+            await engine.abort(request)
 
     def _write_result(self, item, request, tokens, trace) -> None:
         text = visible_text(self.tokenizer.decode(tokens), request.params.stop)

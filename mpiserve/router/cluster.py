@@ -71,6 +71,10 @@ class Cluster:
         """Whether every engine has loaded its model and reported its stats."""
         return all(e.rank in self._dispatcher.stats for e in self.engines)
 
+    async def engine_failed(self) -> None:
+        """Returns once the dispatcher has seen an engine fail."""
+        await self._dispatcher.failed.wait()
+
     def check_engines(self) -> None:
         """Raise the engine failure the dispatcher saw, if any."""
         if self._dispatcher.failure is not None:

@@ -8,6 +8,7 @@ import time
 
 from ..cluster.backoff import Backoff
 from ..cluster.control import ControlChannel
+from ..cluster.heartbeat import drain_heartbeats
 from ..cluster.messages import (
     Call,
     Fatal,
@@ -36,6 +37,7 @@ class Dispatcher:
         self.stats: dict[int, dict] = {}
         self.last_heard = {rank: time.monotonic() for rank in engine_ranks}
         self.failure: EngineFailure | None = None
+        self.failed = asyncio.Event()             # set with `failure`
         self._next_call = 0
         self._futures: dict[int, asyncio.Future] = {}
         self._streams: dict[int, asyncio.Queue] = {}
@@ -71,6 +73,7 @@ class Dispatcher:
                 for source, message in messages:
                     self.last_heard[source] = time.monotonic()
                     self._deliver(source, message)
+                self._heard(drain_heartbeats(self.control.comm))
                 self._check_heartbeats()
             except Exception as exc:         # never leave the routers waiting on a dead pump
                 self._fail(EngineFailure(f"rank 0 could not handle engine messages: {exc!r}"))
@@ -120,15 +123,29 @@ class Dispatcher:
         if update.finish_reason is not None:
             del self._streams[update.call_id]
 
-    def _check_heartbeats(self) -> None:
+    def _heard(self, ranks: set[int]) -> None:
         now = time.monotonic()
-        silent = [r for r, t in self.last_heard.items() if now - t > self.heartbeat_timeout_s]
+        for rank in ranks:
+            self.last_heard[rank] = now
+
+    def silent_s(self) -> dict[int, float]:
+        """Seconds since each engine was last heard from (heartbeat or message)."""
+        now = time.monotonic()
+        return {rank: now - t for rank, t in self.last_heard.items()}
+
+    def _check_heartbeats(self) -> None:
+        silent = [r for r, s in self.silent_s().items() if s > self.heartbeat_timeout_s]
         if silent and self.failure is None:
-            self._fail(EngineFailure(f"engine rank(s) {silent} sent nothing for "
-                                     f"{self.heartbeat_timeout_s:.0f} s"))
+            self._fail(EngineFailure(f"lost engine rank(s) {', '.join(self._where(silent))}: "
+                                     f"nothing heard for {self.heartbeat_timeout_s:g} s "
+                                     "(stopped, killed, or its host unreachable)"))
+
+    def _where(self, ranks: list[int]) -> list[str]:
+        return [f"{rank} on host {self.stats.get(rank, {}).get('host', '?')}" for rank in ranks]
 
     def _fail(self, failure: EngineFailure) -> None:
         self.failure = failure
+        self.failed.set()
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(failure)

@@ -58,6 +58,12 @@ class EngineHandle:
         await self._dispatcher.call(self.rank, "release", request)
         self._cluster.trace(request).reserved.discard(self.rank)
 
+    async def abort(self, request: Request) -> None:
+        """Drop everything this engine holds or does for a request: a reservation (granted or
+        waiting) and its generation. The runtime does this when a request times out."""
+        await self._dispatcher.call(self.rank, "abort", request)
+        self._cluster.trace(request).reserved.discard(self.rank)
+
     async def remote_send(self, request: Request, kv: KVAddress, begin: int = 0,
                           end: int | None = None) -> TransferDone:
         """Compute what this engine lacks of prompt[:end] and send the KV of [begin, end) into
