@@ -80,12 +80,24 @@ def _layer_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]
 def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype
                  ) -> dict[str, torch.Tensor]:
     """The tensors `config` needs from the safetensors files of `model_dir`, cast to `dtype`."""
+    return _gather(model_dir, config, lambda file, name: file.get_tensor(name).to(dtype))
+
+
+def check_weights(model_dir: str | Path, config: ModelConfig) -> None:
+    """Raise `CheckpointError` unless every tensor `config` needs is in the safetensors files
+    of `model_dir` with the right shape, in a file as long as its header says (a truncated
+    download fails here); reads headers only, no tensor data."""
+    _gather(model_dir, config, lambda file, name: None)
+
+
+def _gather(model_dir: str | Path, config: ModelConfig, read) -> dict:
+    """`read(file, name)` of each tensor `config` needs, after checking it."""
     model_dir = Path(model_dir)
     shapes = expected_tensor_shapes(config)
     files = _weight_files(model_dir)
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict = {}
     for path in files:
-        weights.update(_read_file(path, shapes, dtype))
+        weights.update(_read_file(path, shapes, read))
     missing = [name for name in shapes if name not in weights]
     if missing:
         searched = ", ".join(path.name for path in files)
@@ -126,13 +138,12 @@ def _shards(index: Path) -> list[Path]:
     return shards
 
 
-def _read_file(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
-               ) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, shapes: dict[str, tuple[int, ...]], read) -> dict:
     try:
         with safe_open(path, framework="pt") as file:
             present = set(file.keys())
             _refuse_unused(path, present, shapes)
-            return {name: _read_tensor(file, path, name, shape, dtype)
+            return {name: _read_tensor(file, path, name, shape, read)
                     for name, shape in shapes.items() if name in present}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
@@ -148,8 +159,7 @@ def _refuse_unused(path: Path, names, shapes: dict[str, tuple[int, ...]]) -> Non
                               "architecture is not supported")
 
 
-def _read_tensor(file, path: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype
-                 ) -> torch.Tensor:
+def _read_tensor(file, path: Path, name: str, shape: tuple[int, ...], read):
     view = file.get_slice(name)
     got = tuple(view.get_shape())
     if got != shape:
@@ -158,4 +168,4 @@ def _read_tensor(file, path: Path, name: str, shape: tuple[int, ...], dtype: tor
     if view.get_dtype() not in _FLOAT_CODES:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {view.get_dtype()}; only "
                               "unquantized float checkpoints are supported")
-    return file.get_tensor(name).to(dtype)
+    return read(file, name)

@@ -85,6 +85,7 @@ def _prepare_router(options: JobOptions):
     """Everything rank 0 must check before the engines load: router, input, output, model."""
     from .batch_input import read_batch
     from .batch_output import BatchOutput
+    from .checkpoint import check_weights
     from .demo_model import demo_model_dir
     from .model_config import ModelConfig
     from .router.loader import load_router
@@ -94,6 +95,8 @@ def _prepare_router(options: JobOptions):
         items = read_batch(options.input)
         model_dir = options.engine.model or str(demo_model_dir())
         config = ModelConfig.from_dir(model_dir)
+        if not str(model_dir).endswith(".gguf"):   # GGUF files are checked as they load
+            check_weights(model_dir, config)
         tokenizer = Tokenizer.from_dir(model_dir)
         output = BatchOutput(options.output)
     except MpiserveError as exc:

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mpiserve.checkpoint import (
+    check_weights,
     expected_tensor_names,
     load_checkpoint,
     load_weights,
@@ -239,3 +240,14 @@ def test_sliding_window_bounds_the_context():
     qwen_on = ModelConfig.from_dict({**base, "model_type": "qwen2", "sliding_window": 1024,
                                      "use_sliding_window": True})
     assert qwen_on.context_limit == 1024
+
+
+@pytest.mark.parametrize("cut", [1, 4096])
+def test_check_weights_finds_a_cut_off_file_from_headers(tiny_hf_model, tmp_path, cut):
+    path = copy_model(tiny_hf_model("llama"), tmp_path)
+    config = ModelConfig.from_dir(path)
+    check_weights(path, config)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-cut])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        check_weights(path, config)

@@ -375,6 +375,33 @@ def test_unusable_output_exits_2_before_loading(tmp_path, model_dir, batch, wher
     assert len(errors) == 1 and where.split("/")[0] in errors[0], describe(result)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "incomplete"])
+def test_damaged_checkpoint_exits_2_naming_the_file(tmp_path, model_dir, batch, damage):
+    """A cut-off download or a missing tensor is a model problem: exit 2, one line naming the
+    file, found by rank 0 before the engines load."""
+    damaged = tmp_path / "model"
+    damaged.mkdir()
+    for path in Path(model_dir).iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    weights = damaged / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-16])
+    else:
+        config = json.loads((damaged / "config.json").read_text())
+        (damaged / "config.json").write_text(json.dumps(
+            dict(config, num_hidden_layers=config["num_hidden_layers"] + 1)))
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(batch["lines"][0]) + "\n")
+    result = mpirun(3, "--model", damaged, "--prefill", 1, "--decode", 1, "--input", source,
+                    "--output", tmp_path / "out.jsonl", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, describe(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "model" in errors[0], describe(result)
+    assert ("model.safetensors" if damage == "truncated" else "missing") in errors[0]
+    assert "Traceback" not in result.stderr, describe(result)
+    assert not (tmp_path / "out.jsonl.lock").exists()
+
+
 def test_router_breaking_the_contract_gets_one_error_record_each(tmp_path, model_dir, batch):
     """Yielding a string or ids outside the vocabulary, returning without generating, and
     generating twice each give the request a router_error naming the rule; nothing is lost."""
