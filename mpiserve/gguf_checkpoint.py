@@ -4,6 +4,7 @@ Llama-family rotary undone."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +27,8 @@ _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype | None = None
                          ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and weights (Hugging Face names, dequantized to `dtype`) of a .gguf file."""
-    import gguf
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: GGUF file does not exist")
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     config = ModelConfig.from_dict(gguf_config_dict(reader), source=str(path))
     weights = {}
     for tensor in reader.tensors:
@@ -46,6 +44,30 @@ def load_gguf_checkpoint(path: str | Path, dtype: torch.dtype | None = None
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     return config, weights
+
+
+def gguf_model_config(path: str | Path) -> ModelConfig:
+    """The model config in a .gguf file's metadata (no tensor is read)."""
+    return ModelConfig.from_dict(gguf_config_dict(open_gguf(Path(path))), source=str(path))
+
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader on `path` (memory-mapped), or a CheckpointError naming the file. The
+    reader parses all metadata up front (seconds for a 50k-token vocabulary), so one parse per
+    file version is shared by the config, the tokenizer and the weights."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file does not exist")
+    stat = path.stat()
+    return _cached_reader(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=2)
+def _cached_reader(path: Path, mtime_ns: int, size: int):
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
 def _dequantize(tensor, path: Path) -> np.ndarray:

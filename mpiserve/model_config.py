@@ -47,6 +47,10 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        """The config of a checkpoint directory (config.json) or of a .gguf file."""
+        if Path(model_dir).suffix == ".gguf":
+            from .gguf_checkpoint import gguf_model_config
+            return gguf_model_config(model_dir)
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{path}: no config.json in the model directory")

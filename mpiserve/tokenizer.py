@@ -29,7 +29,11 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        """The tokenizer of a checkpoint directory, or of a .gguf file's metadata."""
         model_dir = Path(model_dir)
+        if model_dir.suffix == ".gguf":
+            from .gguf_tokenizer import gguf_tokenizer
+            return gguf_tokenizer(model_dir)
         backend = _load_backend(model_dir / "tokenizer.json")
         source = model_dir / "tokenizer_config.json"
         settings = {**_read_json(model_dir / "special_tokens_map.json"), **_read_json(source)}
