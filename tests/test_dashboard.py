@@ -182,7 +182,7 @@ def test_render_fits_a_narrow_terminal(snapshots, width):
     assert all(len(line) <= width for line in lines)
     for rank, role in ((1, "prefill"), (2, "decode"), (3, "decode")):   # columns are not cut
         assert any(re.match(rf"│ │\s+{rank} .*{role}\s+\d+/\d+\s+\d+/\d+\s+(\d+%|–)\s+\d+\s+\d+"
-                            rf"\s+\d\.\d/\d\.\d .*\d\s*│ │$", line) for line in lines), lines
+                            rf"\s+\d\.\d/\d\.\d .*\d( s)?\s*│ │$", line) for line in lines), lines
     assert any("fall-" in line for line in lines)
     assert ("node-a" in "\n".join(lines)) == (width == 100)   # the host gives way below ~90
 
@@ -211,6 +211,19 @@ def test_plain_line(snapshots):
                                 "1:2/3 2:4/0 3:0/0 · KV 2.0 MB · fallbacks 1 · errors 10")
 
 
+def test_a_silent_engine_shows_as_stalled_before_the_heartbeat_fails(snapshots):
+    """Seconds since rank 0 last heard from each engine: shown in the live table (red once
+    stalled) and named in the plain line, while the heartbeat timeout has not fired yet."""
+    collector, _, _ = snapshots
+    snap = collector.collect(second_stats(), tally_at(500), {}, 1, now=13.0,
+                             silent_s={1: 0.4, 2: 7.2, 3: 0.1})
+    assert [e.stalled for e in snap.engines] == [False, True, False]
+    assert plain_line(snap).endswith("errors 10 · rank 2 silent 7 s")
+    lines = screen(render(snap), width=160)
+    row = next(line for line in lines if re.match(r"│ │\s+2 ", line))
+    assert re.search(r"\s7 s\s+│ │$", row), row
+
+
 def test_sparkline_scales_to_the_peak():
     assert sparkline([0, 1, 2, 4, 8]) == "▁▂▃▅█"
     assert sparkline([0, 0]) == "▁▁" and sparkline([]) == ""
@@ -219,7 +232,7 @@ def test_sparkline_scales_to_the_peak():
 
 # ---- the observer without MPI --------------------------------------------------------------------
 def fake_job(stats: dict):
-    dispatcher = SimpleNamespace(stats=stats)
+    dispatcher = SimpleNamespace(stats=stats, silent_s=lambda: {rank: 0.5 for rank in stats})
     cluster = SimpleNamespace(strategies=Counter({"pd": 4}), failed_transfers=["r-1: timeout"])
     return dispatcher, cluster
 

@@ -49,7 +49,8 @@ class JobObserver:
 
     def snapshot(self) -> JobSnapshot:
         return self.collector.collect(self.dispatcher.stats, self.tally, self.cluster.strategies,
-                                      len(self.cluster.failed_transfers), time.monotonic())
+                                      len(self.cluster.failed_transfers), time.monotonic(),
+                                      self.dispatcher.silent_s())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Observe until `stop` is set (then take one last look)."""

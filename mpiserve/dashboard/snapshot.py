@@ -4,10 +4,13 @@ stats, the batch tally and the cluster's counters (pure: no MPI, no terminal).""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MB = 1e6
 LATENCY_KEYS = ("ttft", "tpot", "jct")
+
+
+STALLED_AFTER_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,12 @@ class EngineRow:
     transfer_failures: int = 0
     fallbacks: int = 0
     busy_fraction: float = 0.0                # share of the last interval spent in engine steps
+    silent_s: float = 0.0                     # seconds since rank 0 last heard from it
+
+    @property
+    def stalled(self) -> bool:
+        """Silent for longer than a few heartbeats (they come at least every second)."""
+        return self.silent_s >= STALLED_AFTER_S
 
     @property
     def pages_free(self) -> int:
@@ -184,9 +193,10 @@ class Collector:
         self._latency: tuple[int, dict[str, LatencySummary]] = (0, latency_summaries([]))
 
     def collect(self, stats: Mapping[int, Mapping], tally, strategies: Mapping[str, int],
-                failed_transfers: int, now: float) -> JobSnapshot:
+                failed_transfers: int, now: float,
+                silent_s: Mapping[int, float] | None = None) -> JobSnapshot:
         elapsed = max(0.0, now - tally.started)
-        rows = self._rows(stats)
+        rows = self._rows(stats, silent_s or {})
         self._note_interval(now, elapsed, tally, rows)
         latency = self._latencies(tally.latencies)
         done = tally.completed + tally.failed
@@ -202,14 +212,16 @@ class Collector:
             router=str(self.info.get("router", "")), model=str(self.info.get("model", "")),
             interrupted=tally.interrupted)
 
-    def _rows(self, stats: Mapping[int, Mapping]) -> tuple[EngineRow, ...]:
+    def _rows(self, stats: Mapping[int, Mapping],
+              silent_s: Mapping[int, float]) -> tuple[EngineRow, ...]:
         roles = {int(rank): role for rank, role in self.info.get("engines", {}).items()}
         rows = []
         for rank in sorted(set(roles) | set(stats)):
             rates = self._engines.setdefault(rank, _EngineRates())
             latest = stats.get(rank)
             values = rates.update(latest) if latest is not None else rates.rates
-            rows.append(engine_row(rank, roles.get(rank, "?"), latest, values))
+            row = engine_row(rank, roles.get(rank, "?"), latest, values)
+            rows.append(replace(row, silent_s=silent_s.get(rank, 0.0)))
         return tuple(rows)
 
     def _note_interval(self, now: float, elapsed: float, tally, rows) -> None:

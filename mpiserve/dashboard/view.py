@@ -70,6 +70,8 @@ def plain_line(snap: JobSnapshot) -> str:
     errors; for logs and terminals that cannot show the live view."""
     engines = " ".join(f"{e.rank}:{e.running}/{e.waiting}" for e in snap.engines)
     stopping = " · stopping" if snap.interrupted else ""
+    stopping += "".join(f" · rank {e.rank} silent {e.silent_s:.0f} s"
+                        for e in snap.engines if e.stalled)
     return (f"[{duration(snap.elapsed)}] {snap.skipped + snap.done}/{snap.total} "
             f"{snap.fraction:.0%} ETA {duration(snap.eta_s)} · {rate(snap.tokens_per_s)} tok/s · "
             f"run/wait {engines} · KV {megabytes(snap.kv_mb_moved)} MB · "
@@ -124,8 +126,8 @@ ENGINE_COLUMNS = {"rank": ("\nrank", "right"), "host": ("\nhost", "left"),
                   "pages": ("KV pages\nused/free", "right"), "hit": ("prefix\nhit", "right"),
                   "prefill": ("prefill\ntok/s", "right"), "decode": ("decode\ntok/s", "right"),
                   "kv": ("KV MB\nsent/recv", "right"), "busy": ("\nbusy", "right"),
-                  "fallbacks": ("fall-\nbacks", "right")}
-NARROW_DROPS = ("busy", "host")
+                  "fallbacks": ("fall-\nbacks", "right"), "heard": ("last\nheard", "right")}
+NARROW_DROPS = ("busy", "host", "heard")
 HOST_WIDTH = 8                  # a host name shorter than that is shown cut, not dropped
 
 
@@ -135,7 +137,8 @@ def engine_cells(e: EngineRow) -> dict[str, str]:
             "hit": share(e.prefix_hit_rate), "prefill": rate(e.prefill_tps),
             "decode": rate(e.decode_tps),
             "kv": f"{megabytes(e.kv_mb_sent)}/{megabytes(e.kv_mb_received)}",
-            "busy": share(e.busy_fraction), "fallbacks": str(e.fallbacks)}
+            "busy": share(e.busy_fraction), "fallbacks": str(e.fallbacks),
+            "heard": f"{e.silent_s:.0f} s"}
 
 
 def _width_needed(names, rows: list[dict[str, str]]) -> int:
@@ -159,7 +162,8 @@ def engine_table(snap: JobSnapshot, width: int) -> Table:
         header, justify = ENGINE_COLUMNS[name]
         table.add_column(header, justify=justify, no_wrap=name != "host")
     for row, e in zip(rows, snap.engines, strict=True):
-        style = {"fallbacks": "yellow" if e.fallbacks else ""}
+        style = {"fallbacks": "yellow" if e.fallbacks else "",
+                 "heard": "bold red" if e.stalled else ""}
         table.add_row(*(Text(row[name], style=style.get(name, ""), no_wrap=True,
                              overflow="ellipsis") for name in names))
     return table
