@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from numba import config as numba_config
 from numba import cuda, float32, int32
+from numba.cuda import libdevice
 
 THREADS = 64  # threads per block; a power of two (tree reductions)
 PER_THREAD = 4  # head dims each thread accumulates: head_dim <= THREADS * PER_THREAD
@@ -30,10 +31,9 @@ _NEG_INF = float32(-math.inf)
 
 def unavailable_reason(q, kv):
     """Why the kernel cannot run on these tensors, or None when it can."""
-    if not cuda.is_available():
-        return "numba-cuda finds no usable CUDA driver/device"
-    if not _nvvm_available():
-        return "numba-cuda finds no NVVM to compile with (pip install 'numba-cuda[cu12]')"
+    reason = _toolchain_missing()
+    if reason is not None:
+        return reason
     if q.dtype != kv.dtype or kv.dtype not in _WIDEN_OF:
         return (f"q {q.dtype} / kv {kv.dtype}: the kernel takes matching float32, "
                 "float16 or bfloat16")
@@ -42,9 +42,16 @@ def unavailable_reason(q, kv):
     return None
 
 
-def _nvvm_available():
+@functools.cache
+def _toolchain_missing():
+    """Why numba-cuda cannot compile and launch here, or None (probed once per process:
+    the model calls the dispatch for every layer of every step)."""
+    if not cuda.is_available():
+        return "numba-cuda finds no usable CUDA driver/device"
     from numba.cuda.cudadrv import nvvm
-    return nvvm.is_available()
+    if not nvvm.is_available():
+        return "numba-cuda finds no NVVM to compile with (pip install 'numba-cuda[cu12]')"
+    return None
 
 
 def paged_decode_attention_cuda(q, kv, page_table, context_lens, scale):
@@ -59,7 +66,8 @@ def paged_decode_attention_cuda(q, kv, page_table, context_lens, scale):
         raise ValueError(f"head_dim {dim} exceeds the kernel's {THREADS * PER_THREAD}")
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     args = (q.float().contiguous(), kv.contiguous().view(_STORED_AS.get(kv.dtype, kv.dtype)),
-            page_table.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous())
+            page_table.to(q.device, torch.int32).contiguous(),
+            context_lens.to(q.device, torch.int32).contiguous())
     kernel = _kernel(kv.dtype)
     arrays = [_device_array(t) for t in (*args, out)]
     launch = kernel[(batch, heads), THREADS, _stream(q)]
@@ -86,8 +94,9 @@ def _widen_bfloat16_sim(bits):
 
 
 def _widen_bfloat16_device(bits):
-    """float32 of a bfloat16 given as int16 bits: the pattern moved to the top half."""
-    from numba.cuda import libdevice
+    """float32 of a bfloat16 given as int16 bits: the pattern moved to the top half.
+    (Compiled by numba-cuda: ``libdevice`` must be a global; an import statement here
+    would not compile.)"""
     return libdevice.int_as_float(int32((int32(bits) & 0xFFFF) << 16))
 
 
