@@ -2,10 +2,13 @@
 (no timing assertions)."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from mpiserve.bench.vllm_worker import PYTHON_ENV
 
 NUMBERS = ("mpiserve_tokens_per_s", "transformers_tokens_per_s", "ratio", "params", "prompts",
            "total_generated_tokens", "mpiserve_seconds", "transformers_seconds",
@@ -20,7 +23,8 @@ def test_engine_throughput_quick(tmp_path, mpiserve_cache):
     out = tmp_path / "results"
     done = subprocess.run(
         [sys.executable, "-m", "mpiserve.bench.engine_throughput", "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != PYTHON_ENV})
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads((out / "engine_throughput.json").read_text())
     for key in NUMBERS:
@@ -33,6 +37,11 @@ def test_engine_throughput_quick(tmp_path, mpiserve_cache):
                                                  for r in result["transformers_runs"]]
     assert len(result["correctness"]) > 0
     assert "| mpiserve |" in (out / "engine_throughput.md").read_text()
+    # vLLM is not given here: skipped with the reason, mpiserve's figures still per dtype
+    assert list(result["dtypes"]) == ["float32"]
+    assert result["dtypes"]["float32"]["mpiserve_tokens_per_s"] > 0
+    assert "--vllm-python" in result["dtypes"]["float32"]["vllm_skipped"]
+    assert result["ttft"][0]["first_s"] > 0 and result["ttft"][0]["warm_s"] > 0
 
 
 def test_step_profile_quick(tmp_path, mpiserve_cache):

