@@ -76,9 +76,12 @@ def paged_decode_attention_cuda(q, kv, page_table, context_lens, scale):
 
 
 def _device_array(tensor):
-    """A numba view of a tensor: zero-copy for CUDA tensors; a numpy view under the simulator."""
+    """A numba view of a tensor: zero-copy for CUDA tensors; a numpy view under the simulator.
+
+    No stream sync on import (``sync=False``): the kernel runs on torch's current stream,
+    after the work that produced the tensors, so a host wait per layer would only stall."""
     if tensor.is_cuda:
-        return cuda.as_cuda_array(tensor)
+        return cuda.as_cuda_array(tensor, sync=False)
     return tensor.numpy()
 
 
