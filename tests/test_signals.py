@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from batch_jobs import (
@@ -149,3 +150,24 @@ def test_local_launcher_stops_on_sigint_and_resumes(tmp_path, requests, referenc
     code, log = run_job(requests, output, command=command)
     assert code == 0, f"the resumed run exited {code}\n{log}"
     assert_complete(output, requests, reference)
+
+
+def rank_of(pid: int) -> int:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"PMI_RANK=")).split(b"=")[1])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_local_launcher_names_a_rank_killed_by_a_signal(tmp_path, requests, monkeypatch):
+    """MPI's message names some process of the job; the launcher names the rank that died."""
+    monkeypatch.setenv("PATH", f"{MPIEXEC.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    output = tmp_path / "out.jsonl"
+    proc = start_job(requests, output, command=[str(LAUNCHER), "-n", "3"])
+    wait_for_lines(output, 1, proc)
+    victim = next(pid for pid in rank_pids(proc) if rank_of(pid) != 0)
+    rank = rank_of(victim)
+    os.kill(victim, signal.SIGKILL)
+    code = finish(proc)
+    log = log_text(proc)
+    assert code == 9, f"exit {code} after SIGKILL of rank {rank}\n{log}"
+    assert f"rank {rank} (pid {victim}) was killed by signal 9 (KILL)" in log, log
