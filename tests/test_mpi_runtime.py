@@ -402,6 +402,31 @@ def test_damaged_checkpoint_exits_2_naming_the_file(tmp_path, model_dir, batch, 
     assert not (tmp_path / "out.jsonl.lock").exists()
 
 
+def test_repeated_id_and_late_bom_keep_their_ids_and_resume_keeps_them(tmp_path, model_dir,
+                                                                      batch):
+    """Their error records carry the custom_id that was read; a clean exit removes the lock
+    file; a re-run finds every line answered and writes nothing."""
+    first = batch["lines"][0]
+    lines = [json.dumps(first), json.dumps(first), "\ufeff" + json.dumps(batch["lines"][1])]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    result = mpirun(3, "--model", model_dir, "--prefill", 1, "--decode", 1, "--input",
+                    tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    records = read_records(tmp_path / "out.jsonl")
+    assert len(records) == 3, describe(result)
+    errors = {r["error"]["line"]: r for r in records if r["error"] is not None}
+    assert sorted(errors) == [2, 3], records
+    assert errors[2]["custom_id"] == first["custom_id"]
+    assert errors[2]["error"]["code"] == "duplicate_custom_id"
+    assert errors[3]["custom_id"] == batch["lines"][1]["custom_id"]
+    assert "byte order mark" in errors[3]["error"]["message"]
+    assert not (tmp_path / "out.jsonl.lock").exists()
+    again = mpirun(3, "--model", model_dir, "--prefill", 1, "--decode", 1, "--input",
+                   tmp_path / "in.jsonl", "--output", tmp_path / "out.jsonl", cwd=tmp_path)
+    assert again.returncode == 0 and "3 already in" in again.stderr, describe(again)
+    assert len(read_records(tmp_path / "out.jsonl")) == 3
+
+
 def test_router_breaking_the_contract_gets_one_error_record_each(tmp_path, model_dir, batch):
     """Yielding a string or ids outside the vocabulary, returning without generating, and
     generating twice each give the request a router_error naming the rule; nothing is lost."""
