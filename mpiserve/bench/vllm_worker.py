@@ -91,5 +91,9 @@ def generate(job: dict) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         raise SystemExit("usage: vllm_worker.py JOB.json RESULT.json")
+    # run as a script, this file's folder leads sys.path, where bench/kernels.py would shadow
+    # the `kernels` package that vLLM's dependencies import
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     result = generate(json.loads(Path(sys.argv[1]).read_text()))
     Path(sys.argv[2]).write_text(json.dumps(result))
