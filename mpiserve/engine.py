@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import load_checkpoint
-from .demo_model import demo_model_dir
+from .default_model import default_model
 from .engine_config import EngineConfig
 from .errors import InvalidRequestError
 from .forward_batch_builder import build_forward_batch, order_chunks
@@ -46,7 +46,7 @@ class Engine:
         config = config or EngineConfig()
         torch.set_num_threads(config.torch_threads)
         self.config = config
-        self.model_dir = config.model or str(demo_model_dir())
+        self.model_dir = config.model or str(default_model())
         self.device = pick_device(config.device)
         self.model_config, weights = load_checkpoint(self.model_dir, config.dtype)
         weights = {name: t.to(self.device) for name, t in weights.items()}

@@ -86,14 +86,14 @@ def _prepare_router(options: JobOptions):
     from .batch_input import read_batch
     from .batch_output import BatchOutput
     from .checkpoint import check_weights
-    from .demo_model import demo_model_dir
+    from .default_model import default_model
     from .model_config import ModelConfig
     from .router.loader import load_router
     from .tokenizer import Tokenizer
     try:
         route = load_router(options.router)
         items = read_batch(options.input)
-        model_dir = options.engine.model or str(demo_model_dir())
+        model_dir = options.engine.model or str(default_model())
         config = ModelConfig.from_dir(model_dir)
         if not str(model_dir).endswith(".gguf"):   # GGUF files are checked as they load
             check_weights(model_dir, config)
@@ -220,7 +220,9 @@ def run_dir(options: JobOptions) -> Path:
 
 def job_info(options: JobOptions, world_size: int, model: str, roles: dict[int, str]) -> dict:
     """The job's configuration, as the dashboard and the run report show it."""
-    return {"model": model, "router": options.router, "router_args": dict(options.router_args),
+    from .default_model import random_weights_note
+    return {"model": model, "note": random_weights_note(options.engine.model) or "",
+            "router": options.router, "router_args": dict(options.router_args),
             "world_size": world_size, "engines": dict(roles), "input": options.input,
             "output": options.output, "max_inflight": options.max_inflight,
             "engine": asdict(options.engine)}

@@ -11,6 +11,9 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# jobs and LLMs started without a model serve the tiny random demo model, even where the demo
+# extra (SmolLM2) is installed; mpiexec children inherit this
+os.environ["MPISERVE_DEMO_MODEL"] = "random"
 
 TINY = dict(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

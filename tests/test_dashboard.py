@@ -428,6 +428,7 @@ def test_plain_run_prints_progress_lines_and_writes_the_run_report(tmp_path, dem
                        result.stdout, re.MULTILINE)
     assert len(lines) >= 2 and lines[-1] == str(records), said
     assert "mpiserve run summary" in result.stdout and "run report: out.run" in result.stdout
+    assert "random demo weights: text is meaningless" in result.stdout, said
     assert f"done: {records} completed, 0 errors" in result.stderr, said
     summary = check_run_dir(tmp_path / "out.run", records)
     assert summary["config"]["router"] == "pd" and summary["strategies"] == {"pd": records}

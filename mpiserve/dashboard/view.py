@@ -222,7 +222,8 @@ def summary_table(snap: JobSnapshot) -> Table:
         *((key.upper(), _spread(getattr(snap, key))) for key in LATENCY_KEYS),
         ("KV moved", f"{megabytes(snap.kv_mb_moved)} MB; {snap.transfer_failures} transfer "
                      f"failures, {snap.fallbacks} fallbacks"),
-        ("strategies", ", ".join(f"{n} {c}" for n, c in snap.strategies) or NONE)]
+        ("strategies", ", ".join(f"{n} {c}" for n, c in snap.strategies) or NONE),
+        *((("note", snap.note),) if snap.note else ())]
     for name, value in rows:
         table.add_row(name, Text(value))
     return table
