@@ -14,14 +14,17 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in "
                    "demo model, generated on first use)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="serving dtype (default: the checkpoint's)")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     g.add_argument("--kv-cache-gib", type=float, default=0.5, help="KV page pool per engine")
     g.add_argument("--num-pages", type=int, help="KV pages per engine (overrides --kv-cache-gib)")
-    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-seqs", type=int, default=64,
+                   help="sequences an engine runs at once")
     g.add_argument("--max-batch-tokens", type=int, default=1024,
                    help="tokens computed per engine step (chunked prefill budget)")
-    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--max-model-len", type=int,
+                   help="context length (default: the checkpoint's)")
     g.add_argument("--torch-threads", type=int, default=1, help="torch threads per rank")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--matmul-dtype", default="auto",
@@ -45,11 +48,23 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Every option with a default shows it in --help, with or without a help text."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "%(default)" not in text and "default:" not in text:
+            text += (" " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpiserve", description="Serve LLMs as one MPI job.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve a batch file (start with mpiexec -n 1+P+D)",
-                         description="Rank 0 routes; ranks 1..P prefill; the rest decode.")
+                         description="Rank 0 routes; ranks 1..P prefill; the rest decode.",
+                         formatter_class=_ShowDefaults)
     run.add_argument("--input", required=True, help="OpenAI batch JSONL input")
     run.add_argument("--output", required=True, help="OpenAI batch JSONL output (appended; "
                      "records already there are skipped, so a re-run resumes)")

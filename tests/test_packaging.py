@@ -23,3 +23,14 @@ def test_kernels_is_never_a_top_level_module():
     import mpiserve.kernels
     assert Path(mpiserve.kernels.__file__).parent.name == "kernels"
     assert mpiserve.kernels.__name__ == "mpiserve.kernels"
+
+
+def test_run_help_shows_every_default():
+    """Each `mpiserve run` option that has a default says it in --help."""
+    from mpiserve.cli import build_parser
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    text = " ".join(run.format_help().split())
+    for action in run._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            shown = f"default: {action.default}" in text or "default:" in (action.help or "")
+            assert shown, action.option_strings
