@@ -201,7 +201,9 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
             stop.set()
             await pump
         control.broadcast(layout.engine_ranks, Shutdown())
-        await dispatcher.collect_final_stats()
+        # an engine still loading (a stop during start-up) answers once loaded; rank 0 must not
+        # exit before, or the launcher kills it mid-load (exit 9 instead of 3)
+        await dispatcher.collect_final_stats(options.heartbeat_timeout_s)
         control.flush()
     finally:
         watching.set()
