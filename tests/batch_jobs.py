@@ -159,8 +159,13 @@ def catches_signal(pid: int, signum: int, keys=("SigCgt",)) -> bool:
 
 def rank_pids(proc: subprocess.Popen) -> list[int]:
     """The job's rank processes (descendants of mpiexec running `mpiserve run`)."""
+    return mpiserve_ranks(descendants(proc.pid))
+
+
+def mpiserve_ranks(pids) -> list[int]:
+    """Those of `pids` that run `mpiserve run`."""
     ranks = []
-    for pid in descendants(proc.pid):
+    for pid in pids:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import batch_jobs as jobs
 import pytest
@@ -75,15 +74,7 @@ def ranks_on(hosts: NetnsHosts, host: int) -> list[int]:
     """The mpiserve rank processes running on host `host`."""
     found = subprocess.run(["ip", "netns", "pids", hosts.names[host]], capture_output=True,
                            text=True, timeout=10).stdout.split()
-    ranks = []
-    for pid in map(int, found):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(arg.endswith(b"mpiserve") for arg in argv[:2]) and b"run" in argv:
-            ranks.append(pid)
-    return ranks
+    return jobs.mpiserve_ranks(map(int, found))
 
 
 def test_a_lost_host_ends_the_job_and_the_survivors_resume(hosts, requests, reference,
