@@ -61,7 +61,16 @@ def _defer_stop_signals() -> None:
 def run_job(options: JobOptions) -> int:
     _defer_stop_signals()                 # before MPI init, model load, data plane bring-up
     from mpi4py import MPI
-    comm = MPI.COMM_WORLD
+    try:
+        return _run_rank(MPI.COMM_WORLD, options)
+    finally:
+        # explicitly, not left to mpi4py's exit hook: a rank 0 that once left without it
+        # (1 run in ~10, exit 0, no PMI barrier) made hydra SIGKILL the finalizing engines
+        if not MPI.Is_finalized():
+            MPI.Finalize()
+
+
+def _run_rank(comm, options: JobOptions) -> int:
     rank = comm.Get_rank()
     layout = JobLayout.infer(comm.Get_size(), options.prefill, options.decode)
     problem = layout.problem()
@@ -120,11 +129,11 @@ def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
         worker = EngineWorker(comm, engine, layout.role(comm.Get_rank()), WorkerOptions(
             transfer_timeout_s=options.transfer_timeout_s, fail_transfers=options.fail_transfers))
         worker.run()
+        worker.report_final(heartbeats_sent=heartbeat.stop())
     except BaseException as exc:          # report, then let rank 0 end the job
         report_fatal(worker.control if worker is not None else ControlChannel(comm), exc)
         _wait_for_abort(comm, options.heartbeat_timeout_s)
         return EXIT_FAILED
-    heartbeat.stop()
     _close_data_plane()
     return EXIT_OK
 

@@ -110,6 +110,7 @@ def generating_route(started: dict, runner_box: list, step_s: float = 0.01):
             await asyncio.sleep(step_s)
             trace.tokens_arrived(1)
             yield [9]
+        trace.finish_reason = "length"     # what an engine's finished stream records
     return route
 
 

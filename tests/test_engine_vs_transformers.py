@@ -23,6 +23,11 @@ def prompts_for(vocab, lengths, seed=0):
 def reference(model_dir, prompts, max_tokens, dtype=torch.float32):
     """transformers' greedy generate, one prompt at a time (no padding), eos ignored."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return greedy_reference(model, prompts, max_tokens)
+
+
+def greedy_reference(model, prompts, max_tokens):
+    """`reference` on a transformers model already loaded."""
     config = transformers.GenerationConfig(do_sample=False, max_new_tokens=max_tokens,
                                            min_new_tokens=max_tokens, eos_token_id=None,
                                            pad_token_id=0)

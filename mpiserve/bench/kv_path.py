@@ -178,7 +178,9 @@ def engine_rank(comm, model: str) -> None:
     from ..engine_config import EngineConfig
     engine = Engine(EngineConfig(model=model, page_size=PAGE_SIZE))
     role = "prefill" if comm.Get_rank() == 1 else "decode"
-    EngineWorker(comm, engine, role, WorkerOptions(transfer_timeout_s=TIMEOUT_S)).run()
+    worker = EngineWorker(comm, engine, role, WorkerOptions(transfer_timeout_s=TIMEOUT_S))
+    worker.run()
+    worker.report_final()
 
 
 async def drive(comm, prompt_len: int, repeats: int, vocab: int) -> dict:

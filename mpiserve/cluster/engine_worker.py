@@ -385,5 +385,10 @@ class EngineWorker:
         while self.sending and time.monotonic() < deadline:
             self._poll_transfers()
             time.sleep(0.005)
-        self._reply(StatsSnapshot(self.rank, {**self.stats(), "final": True}))
+
+    def report_final(self, heartbeats_sent: int = 0) -> None:
+        """The engine's last control message (after `run`): its final stats, with the number
+        of heartbeats rank 0 must receive before it can finalize MPI."""
+        self._reply(StatsSnapshot(self.rank, {**self.stats(), "final": True,
+                                              "heartbeats_sent": heartbeats_sent}))
         self.control.flush()

@@ -36,6 +36,7 @@ class Dispatcher:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.stats: dict[int, dict] = {}
         self.last_heard = {rank: time.monotonic() for rank in engine_ranks}
+        self.heartbeats = dict.fromkeys(engine_ranks, 0)      # received, per engine
         self.failure: EngineFailure | None = None
         self.failed = asyncio.Event()             # set with `failure`
         self._next_call = 0
@@ -85,14 +86,21 @@ class Dispatcher:
                 await backoff.sleep_async()
 
     async def collect_final_stats(self, timeout_s: float = 5.0) -> None:
-        """After Shutdown: take messages until every engine sent its final stats (bounded)."""
+        """After Shutdown: take messages until every engine sent its final stats and every
+        heartbeat it counted there arrived (bounded): nothing may be left unreceived when MPI
+        is finalized."""
         deadline = time.monotonic() + timeout_s
         backoff = Backoff()
-        while time.monotonic() < deadline and not all(
-                self.stats.get(rank, {}).get("final") for rank in self.engine_ranks):
+        while time.monotonic() < deadline and not self._all_final():
             for source, message in self.control.receive_all():
                 self._deliver(source, message)
+            self._heard(drain_heartbeats(self.control.comm))
             await backoff.sleep_async()
+
+    def _all_final(self) -> bool:
+        final = [self.stats.get(rank, {}) for rank in self.engine_ranks]
+        return all(s.get("final") and self.heartbeats[rank] >= s.get("heartbeats_sent", 0)
+                   for rank, s in zip(self.engine_ranks, final))
 
     def _deliver(self, source: int, message) -> None:
         if isinstance(message, Reply):
@@ -123,10 +131,11 @@ class Dispatcher:
         if update.finish_reason is not None:
             del self._streams[update.call_id]
 
-    def _heard(self, ranks: set[int]) -> None:
+    def _heard(self, beats: dict[int, int]) -> None:
         now = time.monotonic()
-        for rank in ranks:
+        for rank, count in beats.items():
             self.last_heard[rank] = now
+            self.heartbeats[rank] = self.heartbeats.get(rank, 0) + count
 
     def silent_s(self) -> dict[int, float]:
         """Seconds since each engine was last heard from (heartbeat or message)."""
