@@ -14,6 +14,8 @@ from .errors import CheckpointError
 from .model_config import ModelConfig
 
 ARCH_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _PERMUTED_ARCHS = ("llama", "mistral")
 _LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
@@ -108,7 +110,8 @@ def gguf_config_dict(reader) -> dict:
     heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
     names = {t.name for t in reader.tensors}
-    raw = {"model_type": ARCH_MODEL_TYPES[arch], "hidden_size": hidden,
+    raw = {"model_type": ARCH_MODEL_TYPES[arch], "architectures": [_HF_CLASSES[arch]],
+           "hidden_size": hidden,
            "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
            "num_hidden_layers": _field(reader, f"{arch}.block_count"),
            "num_attention_heads": heads,

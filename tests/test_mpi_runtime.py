@@ -402,6 +402,26 @@ def test_damaged_checkpoint_exits_2_naming_the_file(tmp_path, model_dir, batch, 
     assert not (tmp_path / "out.jsonl.lock").exists()
 
 
+def test_truncated_gguf_exits_2_naming_the_file(tmp_path, model_dir, batch):
+    """A cut-off .gguf download: rank 0 reads the file's metadata and tensor table before the
+    engines load, so it is the same one-line exit 2 as a damaged safetensors file."""
+    from test_gguf_checkpoint import gguf, write_gguf
+
+    from mpiserve.checkpoint import load_checkpoint
+    config, weights = load_checkpoint(model_dir)
+    path = tmp_path / "cut.gguf"
+    write_gguf(path, config, weights, gguf.GGMLQuantizationType.F32)
+    path.write_bytes(path.read_bytes()[:-64])
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(batch["lines"][0]) + "\n")
+    result = mpirun(3, "--model", path, "--prefill", 1, "--decode", 1, "--input", source,
+                    "--output", tmp_path / "out.jsonl", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, describe(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "cut.gguf: not a readable GGUF file" in errors[0], describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+
+
 def test_repeated_id_and_late_bom_keep_their_ids_and_resume_keeps_them(tmp_path, model_dir,
                                                                       batch):
     """Their error records carry the custom_id that was read; a clean exit removes the lock

