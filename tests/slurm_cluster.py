@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -64,11 +65,12 @@ def free_port() -> int:
 
 def slurm_conf(root: Path, controller: tuple[str, str], nodes: list[tuple[str, str]],
                munge_socket: Path, ctld_port: int, slurmd_port: int,
-               cpus: int = NODE_CPUS) -> str:
+               cpus: int = NODE_CPUS, first_job_id: int = 1) -> str:
     """slurm.conf for slurmctld on `controller` and slurmd on `nodes`, each a (name, address);
     every path absolute and under `root` (per node: %n is the node's name)."""
     return "\n".join([
         "ClusterName=mpiservetest",
+        f"FirstJobId={first_job_id}",
         f"SlurmctldHost={controller[0]}({controller[1]})",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
@@ -164,8 +166,12 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "plugstack.conf").write_text("")
         munge_socket = self._start_munge()
+        # job ids of their own: MPICH under srun names its shared-memory segments after the
+        # job, and a segment left in /dev/shm by a killed job of an earlier test cluster with
+        # the same id fails MPI_Init ("Out of memory" in the POSIX shm bootstrap)
         self.conf.write_text(slurm_conf(self.root, self.controller, self.nodes, munge_socket,
-                                        free_port(), free_port()))
+                                        free_port(), free_port(),
+                                        first_job_id=random.randint(10_000, 60_000_000)))
         self._spawn("slurmctld", [binary("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
         self._wait_for(lambda: self._ok("scontrol", "ping") and "UP" in self.scontrol("ping"),
                        "slurmctld to answer scontrol ping")
