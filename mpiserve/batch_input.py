@@ -180,6 +180,7 @@ def _body(request: dict, kind: str) -> dict:
     n = body.get("n")
     if n is not None and not (_is_int(n) and n == 1):
         raise _LineError(f"body.n must be 1 (got {_show(n)}); ask for more samples with more lines")
+    _refuse_unimplemented(body)
     if kind == "chat":
         return {"messages": _messages(body), "params": _params(body, kind)}
     return {"prompt": _prompt(body), "params": _params(body, kind)}
@@ -253,6 +254,31 @@ _SAMPLING_FIELDS = {
     "stop": ("a string or a list of strings", _is_stop),
     "ignore_eos": ("true or false", lambda value: isinstance(value, bool)),
 }
+
+
+def _is_off(*defaults):
+    """A check that a value is absent or one of `defaults` (False is not 0 here)."""
+    return lambda value: value is None or any(
+        value is default if isinstance(default, bool) else
+        (value == default and not isinstance(value, bool)) for default in defaults)
+
+
+# OpenAI fields that change the answer and that the engine does not implement yet: a request
+# asking for anything but their default is refused by name, never answered as if it had not
+_UNIMPLEMENTED_FIELDS = {
+    "logprobs": _is_off(False), "top_logprobs": _is_off(0), "echo": _is_off(False),
+    "best_of": _is_off(1), "presence_penalty": _is_off(0), "frequency_penalty": _is_off(0),
+    "repetition_penalty": _is_off(1), "min_tokens": _is_off(0), "logit_bias": _is_off({}),
+    "stop_token_ids": _is_off([]), "suffix": _is_off(""), "tools": _is_off([]),
+    "response_format": _is_off({"type": "text"}), "stream": _is_off(False),
+}
+
+
+def _refuse_unimplemented(body: dict) -> None:
+    for name, is_off in _UNIMPLEMENTED_FIELDS.items():
+        if not is_off(body.get(name)):
+            raise _LineError(f"body.{name} is not supported by mpiserve yet "
+                             f"(got {_show(body[name])}); leave it out or give its default")
 
 
 def _params(body: dict, kind: str) -> SamplingParams:

@@ -102,6 +102,15 @@ BAD_LINES = [
     (request(stop=""), ["body.stop", "must be non-empty strings"]),
     (request(ignore_eos=1), ["body.ignore_eos must be true or false"]),
     (request(n=2), ["body.n must be 1"]),
+    (request(logprobs=2), ["body.logprobs is not supported", "2"]),
+    (request(logprobs=0), ["body.logprobs is not supported", "0"]),
+    (request(url="/v1/chat/completions", logprobs=True, top_logprobs=3),
+     ["body.logprobs is not supported", "true"]),
+    (request(echo=True), ["body.echo is not supported"]),
+    (request(presence_penalty=0.5), ["body.presence_penalty is not supported", "0.5"]),
+    (request(repetition_penalty=1.2), ["body.repetition_penalty is not supported"]),
+    (request(logit_bias={"5": 100}), ["body.logit_bias is not supported", "an object"]),
+    (request(stream=True), ["body.stream is not supported"]),
     (request(url="/v1/chat/completions", max_completion_tokens=0),
      ["body.max_completion_tokens", "must be at least 1"]),
     (request(url="/v1/chat/completions", max_tokens=4, max_completion_tokens=4),
@@ -173,6 +182,14 @@ def test_completion_defaults_and_fields():
     p = full.params
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.ignore_eos) == \
         (5, 0, 0.5, 3, 11, ("\n",), True)
+
+
+def test_unimplemented_fields_at_their_defaults_are_accepted():
+    (item,) = read_items(request(logprobs=None, echo=False, best_of=1, presence_penalty=0,
+                                 frequency_penalty=0.0, repetition_penalty=1.0, min_tokens=0,
+                                 logit_bias={}, stop_token_ids=[], stream=False,
+                                 response_format={"type": "text"}))
+    assert item.error is None
 
 
 def test_null_fields_take_defaults():
