@@ -181,7 +181,7 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     from .dashboard.observer import JobObserver
     from .router.batch_runner import BatchRunner, ModelLimits
     from .router.cluster import Cluster
-    from .router.dispatcher import Dispatcher
+    from .router.dispatcher import Dispatcher, EngineFailure
     control = ControlChannel(comm)
     dispatcher = Dispatcher(control, layout.engine_ranks, options.heartbeat_timeout_s)
     roles = {rank: layout.role(rank) for rank in layout.engine_ranks}
@@ -212,12 +212,16 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
         control.broadcast(layout.engine_ranks, Shutdown())
         # an engine still loading (a stop during start-up) answers once loaded; rank 0 must not
         # exit before, or the launcher kills it mid-load (exit 9 instead of 3)
-        await dispatcher.collect_final_stats(options.heartbeat_timeout_s)
+        unfinished = await dispatcher.collect_final_stats(options.heartbeat_timeout_s)
         control.flush()
     finally:
         watching.set()
         await watch
     observer.finish()
+    if unfinished:                        # MPI_Finalize would wait for them for ever
+        raise EngineFailure(f"engine rank(s) {', '.join(map(str, unfinished))} did not finish "
+                            f"within {options.heartbeat_timeout_s:g} s of the end (the output "
+                            "holds every record written)")
     return tally
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .idle import find_ranks
 from .processes import kill_tree
+from .report_files import write_report
 
 BOUND_EXTRA_S = 5.0
 STOPPED_RANK = 2                 # the decode engine
@@ -106,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         result = measure(model, Path(work), args.heartbeat_timeout)
         log_tail = (Path(work) / "job.log").read_text(errors="replace")[-3000:]
     result["command"] = "python -m mpiserve.bench.engine_loss " + " ".join(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_loss.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(args.out, "engine_loss", result)
     print(f"engine rank {STOPPED_RANK} stopped: job exited {result['exit_code']} after "
           f"{result['seconds_to_exit']} s (bound {result['bound_s']:g} s)")
     print(f"message: {result['message']}")

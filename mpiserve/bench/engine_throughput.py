@@ -33,7 +33,6 @@ unpadded single-prompt greedy outputs. Writes ``engine_throughput.json`` and
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -50,6 +49,7 @@ import torch
 from mpiserve import smollm2
 from mpiserve.bench import dtype_runs, vllm_worker
 from mpiserve.bench.bench_model import ModelShape, write_model
+from mpiserve.bench.report_files import write_report
 from mpiserve.tokenizer import Tokenizer
 
 SEED = 20250102
@@ -442,16 +442,13 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_before": round(load_before[0], 2),
         "load_average_after": round(load_after[0], 2),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "engine_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "engine_throughput.md").write_text(markdown(result))
+    path = write_report(args.out, "engine_throughput", result, markdown(result))
     for dtype, entry in result["dtypes"].items():
         vllm = (f"vLLM {entry['vllm_tokens_per_s']:.1f} tokens/s, ratio "
                 f"{entry['ratio_mpiserve_over_vllm']:.2f}" if "vllm_tokens_per_s" in entry
                 else f"vLLM skipped ({entry['vllm_skipped']})")
         print(f"{dtype}: mpiserve {entry['mpiserve_tokens_per_s']:.1f} tokens/s, {vllm}")
-    print(f"wrote {out / 'engine_throughput.json'} and {out / 'engine_throughput.md'}")
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

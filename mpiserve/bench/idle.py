@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .processes import command_line, cpu_seconds, descendants, kill_tree, mpi_rank
+from .report_files import write_report
 
 TARGET_SHARE = 0.05
 SETTLED_SHARE = 0.2            # a rank using less than this of a core has finished loading
@@ -124,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_rank_share": max(rank_shares.values()), "target_share": TARGET_SHARE,
         "meets_target": max(rank_shares.values()) < TARGET_SHARE,
         "request_served_during_window": bool(written), "job_exit_code": exit_code}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "idle.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_report(args.out, "idle", result)
     for rank, share in rank_shares.items():
         print(f"rank {rank}: {share:.2%} of a core over {window:g} s idle")
     print(f"target < {TARGET_SHARE:.0%} per rank: {'met' if result['meets_target'] else 'NOT met'}")

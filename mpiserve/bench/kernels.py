@@ -10,17 +10,16 @@ case) and ``kernels.md`` (a table and the command) to the output directory.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numba
 import torch
 
+from mpiserve.bench.report_files import write_report
 from mpiserve.kernels import (
     pack_slots_numba,
     pack_slots_reference,
@@ -166,12 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     start_load = os.getloadavg()[0]
     rows = decode_rows() + pack_rows()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m mpiserve.bench.kernels", *argv])
-    (out / "kernels.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "kernels.md").write_text(markdown(rows, command, start_load))
-    print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
+    path = write_report(args.out, "kernels", rows, markdown(rows, command, start_load))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

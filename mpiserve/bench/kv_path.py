@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import platform
@@ -43,6 +42,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .report_files import write_report
 
 PAGE_SIZE = 16
 # prompt lengths are a page multiple + 1: the sender's prefix cache then holds all but the last
@@ -322,10 +323,7 @@ def worker(args, argv: list[str]) -> int:
               "engine_max_batch_tokens": EngineConfig().max_batch_tokens,
               "bandwidth": rows, "min_ratio": min(r["ratio"] for r in rows),
               "overlap": overlap}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kv_path.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "kv_path.md").write_text(markdown(result))
+    write_report(args.out, "kv_path", result, markdown(result))
     print(markdown(result))
     return 0
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..routers.balanced_pd import parse_fraction
+from .report_files import write_report
 from .workloads import (
     QUICK_WORKLOADS,
     WARMUP_PREFIX,
@@ -307,10 +308,8 @@ def plot(rows: list[dict], workload: str, path: Path) -> bool:
 
 
 def write_reports(out: Path, workload: str, rows: list[dict]) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
     everything = merge_rows(out / "strategies.json", workload, rows)
-    (out / "strategies.json").write_text(json.dumps(everything, indent=1) + "\n")
-    (out / "strategies.md").write_text(markdown(everything))
+    write_report(out, "strategies", everything, markdown(everything))
     plot(everything, workload, out / f"strategies_{workload}.png")
     return everything
 

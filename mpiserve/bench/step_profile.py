@@ -18,12 +18,10 @@ Writes ``step_profile.json`` and ``step_profile.md`` to the output directory.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mpiserve import LLM, SamplingParams
 from mpiserve.bench.bench_model import BENCH, QUICK, bench_model_dir
+from mpiserve.bench.report_files import write_report
 
 SEED = 7
 TOP_OPS = 8
@@ -169,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": args.model or ("bench model " + (QUICK if args.quick else BENCH).name),
               "passes": str(passes), "quick": args.quick,
               "runs": [measure(model_dir, dtype, passes) for dtype in args.dtypes.split(",")]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "step_profile.md").write_text(markdown(report))
+    write_report(args.out, "step_profile", report, markdown(report), indent=2)
     print(markdown(report))
     return 0
 

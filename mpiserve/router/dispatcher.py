@@ -85,22 +85,25 @@ class Dispatcher:
             else:
                 await backoff.sleep_async()
 
-    async def collect_final_stats(self, timeout_s: float = 5.0) -> None:
+    async def collect_final_stats(self, timeout_s: float = 5.0) -> list[int]:
         """After Shutdown: take messages until every engine sent its final stats and every
-        heartbeat it counted there arrived (bounded): nothing may be left unreceived when MPI
-        is finalized."""
+        heartbeat it counted there arrived: nothing may be left unreceived when MPI is
+        finalized. Returns the engines still unfinished after `timeout_s` (none: all done)."""
         deadline = time.monotonic() + timeout_s
         backoff = Backoff()
-        while time.monotonic() < deadline and not self._all_final():
+        while self._unfinished() and time.monotonic() < deadline:
             for source, message in self.control.receive_all():
                 self._deliver(source, message)
             self._heard(drain_heartbeats(self.control.comm))
             await backoff.sleep_async()
+        return self._unfinished()
 
-    def _all_final(self) -> bool:
-        final = [self.stats.get(rank, {}) for rank in self.engine_ranks]
-        return all(s.get("final") and self.heartbeats[rank] >= s.get("heartbeats_sent", 0)
-                   for rank, s in zip(self.engine_ranks, final))
+    def _unfinished(self) -> list[int]:
+        def done(rank: int) -> bool:
+            final = self.stats.get(rank, {})
+            return bool(final.get("final")) and (
+                self.heartbeats[rank] >= final.get("heartbeats_sent", 0))
+        return [rank for rank in self.engine_ranks if not done(rank)]
 
     def _deliver(self, source: int, message) -> None:
         if isinstance(message, Reply):
