@@ -363,16 +363,24 @@ def test_router_that_raises_fails_only_its_request(tmp_path, model_dir, batch):
     assert "3 completed, 4 errors" in result.stderr
 
 
+def one_request_usage_error(tmp_path: Path, batch, model, output: str = "out.jsonl"):
+    """Run one request on 3 ranks expecting a usage error: exit 2 and exactly one error line.
+    Returns that line and the job's result."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(batch["lines"][0]) + "\n")
+    result = mpirun(3, "--model", model, "--prefill", 1, "--decode", 1, "--input", source,
+                    "--output", tmp_path / output, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, describe(result)
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, describe(result)
+    return errors[0], result
+
+
 @pytest.mark.parametrize("where", ["missing-dir/out.jsonl", "a-directory"])
 def test_unusable_output_exits_2_before_loading(tmp_path, model_dir, batch, where):
     (tmp_path / "a-directory").mkdir()
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps(batch["lines"][0]) + "\n")
-    result = mpirun(3, "--model", model_dir, "--prefill", 1, "--decode", 1, "--input", source,
-                    "--output", tmp_path / where, cwd=tmp_path, timeout=60)
-    assert result.returncode == 2, describe(result)
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and where.split("/")[0] in errors[0], describe(result)
+    error, result = one_request_usage_error(tmp_path, batch, model_dir, output=where)
+    assert where.split("/")[0] in error, describe(result)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "incomplete"])
@@ -390,14 +398,9 @@ def test_damaged_checkpoint_exits_2_naming_the_file(tmp_path, model_dir, batch, 
         config = json.loads((damaged / "config.json").read_text())
         (damaged / "config.json").write_text(json.dumps(
             dict(config, num_hidden_layers=config["num_hidden_layers"] + 1)))
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps(batch["lines"][0]) + "\n")
-    result = mpirun(3, "--model", damaged, "--prefill", 1, "--decode", 1, "--input", source,
-                    "--output", tmp_path / "out.jsonl", cwd=tmp_path, timeout=60)
-    assert result.returncode == 2, describe(result)
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "model" in errors[0], describe(result)
-    assert ("model.safetensors" if damage == "truncated" else "missing") in errors[0]
+    error, result = one_request_usage_error(tmp_path, batch, damaged)
+    assert "model" in error, describe(result)
+    assert ("model.safetensors" if damage == "truncated" else "missing") in error
     assert "Traceback" not in result.stderr, describe(result)
     assert not (tmp_path / "out.jsonl.lock").exists()
 
@@ -412,13 +415,8 @@ def test_truncated_gguf_exits_2_naming_the_file(tmp_path, model_dir, batch):
     path = tmp_path / "cut.gguf"
     write_gguf(path, config, weights, gguf.GGMLQuantizationType.F32)
     path.write_bytes(path.read_bytes()[:-64])
-    source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps(batch["lines"][0]) + "\n")
-    result = mpirun(3, "--model", path, "--prefill", 1, "--decode", 1, "--input", source,
-                    "--output", tmp_path / "out.jsonl", cwd=tmp_path, timeout=60)
-    assert result.returncode == 2, describe(result)
-    errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "cut.gguf: not a readable GGUF file" in errors[0], describe(result)
+    error, result = one_request_usage_error(tmp_path, batch, path)
+    assert "cut.gguf: not a readable GGUF file" in error, describe(result)
     assert "Traceback" not in result.stderr, describe(result)
 
 
