@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mpiserve.kernels import paged_decode_attention
 
+from .linear_weight import for_linear, linear
 from .model_config import ModelConfig
 from .rope import RotaryTable, rotate
 
@@ -59,12 +60,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """`x @ weight.T + bias` in the weight's dtype, returned in `x`'s dtype (see
-    `matmul_dtype`: the weights of a half-precision model may be held widened)."""
-    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
-
-
 class Transformer:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
                  matmul_dtype: torch.dtype | None = None):
@@ -84,7 +79,7 @@ class Transformer:
         attn = p + "self_attn."
         bias = None
         if self.config.attention_bias:
-            bias = self._for_matmul(torch.cat([w[f"{attn}{n}_proj.bias"] for n in "qkv"]))
+            bias = torch.cat([w[f"{attn}{n}_proj.bias"] for n in "qkv"]).to(self.matmul_dtype)
         matmul = self._for_matmul
         return _Layer(
             input_norm=w[p + "input_layernorm.weight"],
@@ -100,7 +95,7 @@ class Transformer:
         )
 
     def _for_matmul(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.to(self.matmul_dtype)
+        return for_linear(weight.to(self.matmul_dtype))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_layers: list[torch.Tensor],

@@ -6,7 +6,7 @@ import torch
 from mpiserve.engine_config import EngineConfig
 from mpiserve.errors import InvalidRequestError
 from mpiserve.matmul_dtype import choose_matmul_dtype
-from mpiserve.model import linear
+from mpiserve.linear_weight import linear
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
