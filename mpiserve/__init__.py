@@ -4,8 +4,8 @@
 the pure bookkeeping modules do) does not pull in torch.
 """
 
+from .engine.sampling_params import SamplingParams
 from .errors import CapacityError, CheckpointError, InvalidRequestError, MpiserveError
-from .sampling_params import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "MpiserveError", "CheckpointError",
            "InvalidRequestError", "CapacityError"]

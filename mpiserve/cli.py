@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .engine_config import EngineConfig
+from .engine.engine_config import EngineConfig
 from .errors import MpiserveError
 
 

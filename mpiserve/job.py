@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cluster.layout import ROUTER_RANK, JobLayout
-from .engine_config import EngineConfig
+from .engine.engine_config import EngineConfig
 from .errors import MpiserveError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
@@ -92,13 +92,13 @@ def _run_rank(comm, options: JobOptions) -> int:
 
 def _prepare_router(options: JobOptions):
     """Everything rank 0 must check before the engines load: router, input, output, model."""
-    from .batch_input import read_batch
-    from .batch_output import BatchOutput
-    from .checkpoint import check_weights
-    from .default_model import default_model
-    from .model_config import ModelConfig
+    from .batch.input_file import read_batch
+    from .batch.output_file import BatchOutput
+    from .model.checkpoint import check_weights
+    from .model.default_model import default_model
+    from .model.model_config import ModelConfig
+    from .model.tokenizer import Tokenizer
     from .router.loader import load_router
-    from .tokenizer import Tokenizer
     try:
         route = load_router(options.router)
         items = read_batch(options.input)
@@ -119,7 +119,7 @@ def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
     from .cluster.control import ControlChannel
     from .cluster.engine_worker import EngineWorker, WorkerOptions, report_fatal
     from .cluster.heartbeat import HeartbeatSender, heartbeat_interval
-    from .engine import Engine
+    from .engine.engine import Engine
     for sig in STOP_SIGNALS:               # rank 0 decides how the job stops
         signal.signal(sig, signal.SIG_IGN)
     worker = None
@@ -175,7 +175,7 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
 
 
 async def _serve(comm, layout, options, route, items, model_dir, config, tokenizer, output):
-    from .batch_input import count_records
+    from .batch.input_file import count_records
     from .cluster.control import ControlChannel
     from .cluster.messages import Shutdown
     from .dashboard.observer import JobObserver
@@ -235,7 +235,7 @@ def run_dir(options: JobOptions) -> Path:
 
 def job_info(options: JobOptions, world_size: int, model: str, roles: dict[int, str]) -> dict:
     """The job's configuration, as the dashboard and the run report show it."""
-    from .default_model import random_weights_note
+    from .model.default_model import random_weights_note
     return {"model": model, "note": random_weights_note(options.engine.model) or "",
             "router": options.router, "router_args": dict(options.router_args),
             "world_size": world_size, "engines": dict(roles), "input": options.input,

@@ -6,12 +6,12 @@ import sys
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from .engine import Engine
-from .engine_config import EngineConfig
+from .engine.engine import Engine
+from .engine.engine_config import EngineConfig
+from .engine.sampling_params import SamplingParams
+from .engine.sequence import Sequence
+from .engine.stopping import visible_text
 from .errors import MpiserveError
-from .sampling_params import SamplingParams
-from .sequence import Sequence
-from .stopping import visible_text
 
 
 @dataclass
@@ -25,14 +25,42 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **engine_options):
-        self.engine = Engine(EngineConfig(model=model, **engine_options))
+    """`tensor_parallel_size=N` splits the model over the N ranks of an `mpiexec -n N` job:
+    every rank makes the same calls and gets the same outputs; rank 0 schedules."""
+
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1,
+                 **engine_options):
+        config = EngineConfig(model=model, **engine_options)
+        self.plans = None
+        if tensor_parallel_size == 1:
+            self.engine = Engine(config)
+        else:
+            from .cluster.tensor_group import join_world_group
+            tp, self.plans = join_world_group(tensor_parallel_size)
+            self.engine = Engine(config, tp, self.plans if self.plans.is_lead else None)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: Seq[str] | Seq[list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
                  progress: bool | None = None) -> list[RequestOutput]:
         """One output per prompt, in order. A prompt the engine refuses gets `.error`."""
+        if self.plans is None:
+            return self._generate(prompts, params, progress)
+        if not self.plans.is_lead:
+            self.engine.follow(self.plans)
+            outputs = self.plans.comm.bcast(None, root=0)
+            if outputs is None:
+                raise MpiserveError("generate failed on the lead rank (rank 0); see its error")
+            return outputs
+        outputs = None
+        try:
+            outputs = self._generate(prompts, params, progress)
+        finally:
+            self.plans.publish(None)
+            self.plans.comm.bcast(outputs, root=0)
+        return outputs
+
+    def _generate(self, prompts, params, progress) -> list[RequestOutput]:
         params_list = self._params_per_prompt(prompts, params)
         outputs, running = [], {}
         for index, (prompt, p) in enumerate(zip(prompts, params_list)):

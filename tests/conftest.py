@@ -52,7 +52,7 @@ def mpiserve_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_dir(mpiserve_cache) -> Path:
-    from mpiserve.demo_model import demo_model_dir
+    from mpiserve.model.demo_model import demo_model_dir
     return demo_model_dir()
 
 

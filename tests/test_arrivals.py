@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from mpiserve.batch_input import read_batch
-from mpiserve.batch_output import BatchOutput
+from mpiserve.batch.input_file import read_batch
+from mpiserve.batch.output_file import BatchOutput
 from mpiserve.router.batch_runner import BatchRunner, ModelLimits
 from mpiserve.router.cluster import Cluster
 from mpiserve.router.request_trace import RequestTrace

@@ -7,10 +7,10 @@ import importlib
 import pytest
 
 from mpiserve.cluster.messages import KVAddress, Request, TransferDone
+from mpiserve.engine.sampling_params import SamplingParams
 from mpiserve.router.cluster import Cluster
 from mpiserve.router.engine_speed import SpeedEstimator
 from mpiserve.routers.balanced_pd import auto_split, balanced_pd
-from mpiserve.sampling_params import SamplingParams
 
 bpd = importlib.import_module("mpiserve.routers.balanced_pd")
 

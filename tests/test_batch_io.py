@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpiserve.batch_input import URL_KINDS, BatchInputError, BatchItem, read_batch
-from mpiserve.batch_output import (
+from mpiserve.batch.input_file import URL_KINDS, BatchInputError, BatchItem, read_batch
+from mpiserve.batch.output_file import (
     BatchOutput,
     BatchOutputError,
     _still_named,
@@ -369,7 +369,7 @@ def test_corrupt_middle_line_refuses(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from mpiserve.batch_output import BatchOutput
+    from mpiserve.batch.output_file import BatchOutput
     output = BatchOutput(sys.argv[1])
     print("locked", flush=True)
     sys.stdin.read()

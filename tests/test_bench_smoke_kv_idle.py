@@ -1,5 +1,5 @@
-"""Smoke tests of the KV path and idle-cost benchmarks (`--quick`: tiny model, seconds long):
-they run end to end and write well-formed JSON. No timing assertions."""
+"""Smoke tests of the KV path, idle-cost and tensor-parallel benchmarks (`--quick`: tiny
+model, seconds long): they run end to end and write well-formed JSON. No timing assertions."""
 
 import json
 import subprocess
@@ -46,3 +46,15 @@ def test_idle_quick(tmp_path):
     assert all(0 <= share < 1.5 for share in result["cpu_share_per_rank"].values())
     assert result["request_served_during_window"] is False
     assert result["job_exit_code"] in (0, 3) and result["window_s"] == 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+def test_tensor_parallel_quick(tmp_path):
+    run_module("mpiserve.bench.tensor_parallel", tmp_path)
+    result = json.loads((tmp_path / "tensor_parallel.json").read_text())
+    assert result["tp1"]["step_s"] > 0 and result["tp2"]["step_s"] > 0
+    assert 0 < result["collective_share"] < 1
+    assert len(result["tp2"]["weight_bytes"]) == 2 and result["weight_ratio"] < 0.6
+    assert result["greedy_tokens_identical"] is True

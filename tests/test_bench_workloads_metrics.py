@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from mpiserve.batch_input import read_batch
+from mpiserve.batch.input_file import read_batch
 from mpiserve.bench.metrics import percentile, summarize
 from mpiserve.bench.serving import (
     RouterRun,

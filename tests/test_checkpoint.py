@@ -6,15 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mpiserve.checkpoint import (
+from mpiserve.errors import CheckpointError
+from mpiserve.model.checkpoint import (
     check_weights,
     expected_tensor_names,
     load_checkpoint,
     load_weights,
     resolve_dtype,
 )
-from mpiserve.errors import CheckpointError
-from mpiserve.model_config import ModelConfig
+from mpiserve.model.model_config import ModelConfig
 
 ARCHS = ["llama", "llama3", "llama_tied", "mistral", "qwen2", "qwen2_tied", "qwen3", "qwen3_tied"]
 
@@ -230,7 +230,7 @@ def test_load_weights_with_a_given_config(tiny_hf_model):
 
 
 def test_sliding_window_bounds_the_context():
-    from mpiserve.model_config import ModelConfig
+    from mpiserve.model.model_config import ModelConfig
     base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 8192}
     mistral = ModelConfig.from_dict({**base, "model_type": "mistral", "sliding_window": 4096})

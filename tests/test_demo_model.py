@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from mpiserve import demo_model
-from mpiserve.checkpoint import load_checkpoint
-from mpiserve.demo_model import demo_model_dir
-from mpiserve.model_cache import cache_root
-from mpiserve.tokenizer import Tokenizer
+from mpiserve.model import demo_model
+from mpiserve.model.checkpoint import load_checkpoint
+from mpiserve.model.demo_model import demo_model_dir
+from mpiserve.model.model_cache import cache_root
+from mpiserve.model.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -78,7 +78,7 @@ def test_concurrent_first_use_builds_identical_files_once(demo_dir, tmp_path):
     the files are byte-identical to this session's build (a different process and cache)."""
     env = {**os.environ, "MPISERVE_CACHE": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    code = "from mpiserve.demo_model import demo_model_dir; print(demo_model_dir())"
+    code = "from mpiserve.model.demo_model import demo_model_dir; print(demo_model_dir())"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               text=True) for _ in range(3)]
     outputs = {proc.communicate(timeout=120)[0].strip() for proc in procs}

@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 from test_gguf_tokenizer import add_tokenizer_metadata
 
 from mpiserve import LLM, SamplingParams
-from mpiserve.checkpoint import load_checkpoint
 from mpiserve.errors import CheckpointError
-from mpiserve.gguf_checkpoint import load_gguf_checkpoint, unpermute_rotary_rows
+from mpiserve.model.checkpoint import load_checkpoint
+from mpiserve.model.gguf_checkpoint import load_gguf_checkpoint, unpermute_rotary_rows
 
 gguf = pytest.importorskip("gguf")
 

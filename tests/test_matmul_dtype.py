@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from mpiserve.engine_config import EngineConfig
+from mpiserve.engine.engine_config import EngineConfig
 from mpiserve.errors import InvalidRequestError
-from mpiserve.matmul_dtype import choose_matmul_dtype
-from mpiserve.linear_weight import linear
+from mpiserve.model.linear_weight import linear
+from mpiserve.model.matmul_dtype import choose_matmul_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

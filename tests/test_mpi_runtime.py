@@ -410,7 +410,7 @@ def test_truncated_gguf_exits_2_naming_the_file(tmp_path, model_dir, batch):
     engines load, so it is the same one-line exit 2 as a damaged safetensors file."""
     from test_gguf_checkpoint import gguf, write_gguf
 
-    from mpiserve.checkpoint import load_checkpoint
+    from mpiserve.model.checkpoint import load_checkpoint
     config, weights = load_checkpoint(model_dir)
     path = tmp_path / "cut.gguf"
     write_gguf(path, config, weights, gguf.GGMLQuantizationType.F32)

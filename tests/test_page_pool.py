@@ -2,8 +2,8 @@
 
 import pytest
 
+from mpiserve.engine.page_pool import ROOT_HASH, PagePool
 from mpiserve.errors import CapacityError
-from mpiserve.page_pool import ROOT_HASH, PagePool
 
 
 def publish(pool, pages, tokens):

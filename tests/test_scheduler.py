@@ -2,11 +2,11 @@
 
 import pytest
 
+from mpiserve.engine.page_pool import PagePool
+from mpiserve.engine.sampling_params import SamplingParams
+from mpiserve.engine.scheduler import Scheduler
+from mpiserve.engine.sequence import Sequence
 from mpiserve.errors import CapacityError, InvalidRequestError
-from mpiserve.page_pool import PagePool
-from mpiserve.sampling_params import SamplingParams
-from mpiserve.scheduler import Scheduler
-from mpiserve.sequence import Sequence
 
 
 def make(num_pages=64, page_size=4, budget=16, max_seqs=8, max_len=256):

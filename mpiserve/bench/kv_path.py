@@ -89,7 +89,7 @@ def _scattered_cache(config, tokens: int, dtype, device, seed: int):
     """A KV cache with room for `tokens` and the page ids of one sequence spread over it."""
     import torch
 
-    from ..kv_cache import KVCache
+    from ..engine.kv_cache import KVCache
     pages = math.ceil(tokens / PAGE_SIZE)
     kv = KVCache(config, 2 * pages + 1, PAGE_SIZE, dtype, device)
     generator = torch.Generator().manual_seed(seed)
@@ -175,8 +175,8 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
 # ---- part 2: overlap ----------------------------------------------------------------------------
 def engine_rank(comm, model: str) -> None:
     from ..cluster.engine_worker import EngineWorker, WorkerOptions
-    from ..engine import Engine
-    from ..engine_config import EngineConfig
+    from ..engine.engine import Engine
+    from ..engine.engine_config import EngineConfig
     engine = Engine(EngineConfig(model=model, page_size=PAGE_SIZE))
     role = "prefill" if comm.Get_rank() == 1 else "decode"
     worker = EngineWorker(comm, engine, role, WorkerOptions(transfer_timeout_s=TIMEOUT_S))
@@ -188,9 +188,9 @@ async def drive(comm, prompt_len: int, repeats: int, vocab: int) -> dict:
     from ..cluster.backoff import Backoff
     from ..cluster.control import ControlChannel
     from ..cluster.messages import Request, Shutdown
+    from ..engine.sampling_params import SamplingParams
     from ..router.cluster import Cluster
     from ..router.dispatcher import Dispatcher
-    from ..sampling_params import SamplingParams
     control = ControlChannel(comm)
     dispatcher = Dispatcher(control, [1, 2])
     cluster = Cluster(dispatcher, {1: "prefill", 2: "decode"}, PAGE_SIZE)
@@ -280,9 +280,9 @@ def worker(args, argv: list[str]) -> int:
     from mpi4py import MPI
 
     from ..cluster.bringup import init_data_plane
-    from ..engine import pick_device
-    from ..model_config import ModelConfig
-    from ..tokenizer import Tokenizer
+    from ..engine.engine import pick_device
+    from ..model.model_config import ModelConfig
+    from ..model.tokenizer import Tokenizer
     comm = MPI.COMM_WORLD
     if comm.Get_size() != 3:
         raise SystemExit("kv_path runs on 3 ranks (mpiexec -n 3)")
@@ -310,7 +310,7 @@ def worker(args, argv: list[str]) -> int:
     overlap = asyncio.run(drive(comm, settings["prompt"], settings["overlap_repeats"], vocab))
     comm.Barrier()
     _close()
-    from ..engine_config import EngineConfig
+    from ..engine.engine_config import EngineConfig
     from .bench_model import BENCH
     from .bench_model import QUICK as QUICK_SHAPE
     shape = QUICK_SHAPE if args.quick else BENCH

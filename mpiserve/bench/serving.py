@@ -140,8 +140,8 @@ def read_records(path: Path) -> list[dict]:
 # ---- one workload ------------------------------------------------------------------------------
 def resolve_model(args) -> tuple[str, str, int]:
     """(checkpoint directory, how the results name it, the largest usable token id + 1)."""
-    from ..model_config import ModelConfig
-    from ..tokenizer import Tokenizer
+    from ..model.model_config import ModelConfig
+    from ..model.tokenizer import Tokenizer
     from .bench_model import BENCH, QUICK, bench_model_dir
     if args.model:
         directory, label = args.model, Path(args.model).name

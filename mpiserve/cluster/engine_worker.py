@@ -9,9 +9,9 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from ..engine import Engine
+from ..engine.engine import Engine
+from ..engine.sequence import Sequence
 from ..errors import MpiserveError
-from ..sequence import Sequence
 from .backoff import Backoff
 from .control import ControlChannel
 from .kv_transfer import (

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..sequence import Sequence
+from ..engine.sequence import Sequence
 from .messages import KVAnnounce
 
 

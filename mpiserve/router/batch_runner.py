@@ -9,12 +9,12 @@ import traceback
 from dataclasses import dataclass, field
 from numbers import Integral
 
-from ..batch_input import BatchItem
-from ..batch_output import BatchOutput, completion_record, error_record
+from ..batch.input_file import BatchItem
+from ..batch.output_file import BatchOutput, completion_record, error_record
 from ..cluster.messages import Request
+from ..engine.stopping import visible_text
 from ..errors import RouterMisuseError
-from ..stopping import visible_text
-from ..tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 from .cluster import Cluster
 from .dispatcher import EngineFailure
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..page_pool import ROOT_HASH, chain_hash
+from ..engine.page_pool import ROOT_HASH, chain_hash
 
 
 class PrefixIndex:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .errors import CapacityError
+from ..errors import CapacityError
 
 ROOT_HASH = 0
 

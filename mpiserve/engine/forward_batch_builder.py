@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.transformer import ForwardBatch, PrefillSpan
 from .kv_cache import KVCache
-from .model import ForwardBatch, PrefillSpan
 from .scheduler import Chunk
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .model_config import ModelConfig
 
 ARCH_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}

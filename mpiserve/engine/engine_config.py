@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None    # context length; None = the checkpoint's
     torch_threads: int = 1
     device: str = "auto"                # auto = cuda if available, else cpu
-    matmul_dtype: str = "auto"          # dtype of the linear layers' products (matmul_dtype.py)
+    matmul_dtype: str = "auto"          # dtype of linear layers' products (model/matmul_dtype)
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "max_batch_tokens", "torch_threads"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import CapacityError, InvalidRequestError
+from ..errors import CapacityError, InvalidRequestError
 from .page_pool import ROOT_HASH, PagePool
 from .sequence import Sequence, SequenceStatus
 

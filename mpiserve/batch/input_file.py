@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import InvalidRequestError, MpiserveError
-from .sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams
+from ..errors import InvalidRequestError, MpiserveError
 
 URL_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}

@@ -4,7 +4,7 @@ demo and the benchmarks use it converted once, by mpiserve's own GGUF reader, in
 Hugging Face directory in the model cache (atomically, so racing ranks are safe), which loads
 in a fraction of the time a GGUF parse takes and which transformers and vLLM read too.
 
-    python -m mpiserve.smollm2        # prints the cached directory, building it if needed
+    python -m mpiserve.model.smollm2        # prints the cached directory, building it if needed
 """
 
 from __future__ import annotations

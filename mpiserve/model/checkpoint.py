@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .model_config import ModelConfig
+from .tensor_shard import WHOLE, TensorShard
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -19,17 +20,41 @@ _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 
 
-def load_checkpoint(model_dir: str | Path, dtype: str | torch.dtype | None = None
+def load_checkpoint(model_dir: str | Path, dtype: str | torch.dtype | None = None,
+                    shard: TensorShard = WHOLE
                     ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and weights of `model_dir`, cast to `dtype` (None: the checkpoint's dtype)."""
+    """The config and weights of `model_dir`, cast to `dtype` (None: the checkpoint's dtype):
+    of each tensor, the slice `shard` holds. Safetensors are read slice by slice; a GGUF
+    file is dequantized whole, then sliced."""
     model_dir = Path(model_dir)
+    if shard.size > 1:
+        _check_divisible(model_dir, shard)
     if model_dir.suffix == ".gguf":
         from .gguf_checkpoint import load_gguf_checkpoint
-        return load_gguf_checkpoint(model_dir, resolve_dtype(dtype) if dtype else None)
+        config, weights = load_gguf_checkpoint(model_dir, resolve_dtype(dtype) if dtype else None)
+        if shard.size > 1:      # copies, so that the whole tensors are freed
+            weights = {name: take_shard(t, *shard.rows_and_columns(name, config)).clone()
+                       for name, t in weights.items()}
+        return config, weights
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: model directory does not exist")
     config = ModelConfig.from_dir(model_dir)
-    return config, load_weights(model_dir, config, resolve_dtype(dtype or config.torch_dtype))
+    return config, load_weights(model_dir, config, resolve_dtype(dtype or config.torch_dtype),
+                                shard)
+
+
+def _check_divisible(model_dir: Path, shard: TensorShard) -> None:
+    problem = shard.problem(ModelConfig.from_dir(model_dir))
+    if problem:
+        raise CheckpointError(f"{model_dir}: cannot be split over {shard.size} ranks: {problem}")
+
+
+def take_shard(tensor, rows: tuple[int, int] | None, columns: tuple[int, int] | None):
+    """`tensor[rows, columns]` (a safetensors slice view or a tensor); None takes a dimension
+    whole."""
+    if columns is None:
+        return tensor[slice(*rows)] if rows else tensor[:]
+    return tensor[slice(*rows) if rows else slice(None), slice(*columns)]
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -77,10 +102,16 @@ def _layer_shapes(config: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype
-                 ) -> dict[str, torch.Tensor]:
-    """The tensors `config` needs from the safetensors files of `model_dir`, cast to `dtype`."""
-    return _gather(model_dir, config, lambda file, name: file.get_tensor(name).to(dtype))
+def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype,
+                 shard: TensorShard = WHOLE) -> dict[str, torch.Tensor]:
+    """The tensors `config` needs from the safetensors files of `model_dir`, cast to `dtype`:
+    only the slice of each that `shard` holds is read."""
+    def read(file, name: str) -> torch.Tensor:
+        rows, columns = shard.rows_and_columns(name, config)
+        if rows is None and columns is None:
+            return file.get_tensor(name).to(dtype)
+        return take_shard(file.get_slice(name), rows, columns).contiguous().to(dtype)
+    return _gather(model_dir, config, read)
 
 
 def check_weights(model_dir: str | Path, config: ModelConfig) -> None:

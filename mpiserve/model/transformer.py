@@ -19,6 +19,7 @@ from mpiserve.kernels import paged_decode_attention
 from .linear_weight import for_linear, linear
 from .model_config import ModelConfig
 from .rope import RotaryTable, rotate
+from .tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -26,6 +27,9 @@ class PrefillSpan:
     row: int                        # first row of the chunk in the flat batch
     length: int                     # query tokens in the chunk
     context_slots: torch.Tensor     # [ctx] KV slots of positions 0..ctx-1 (ctx >= length)
+
+    def to(self, device) -> PrefillSpan:
+        return PrefillSpan(self.row, self.length, self.context_slots.to(device))
 
 
 @dataclass
@@ -38,6 +42,14 @@ class ForwardBatch:
     context_lens: torch.Tensor      # [num_decode] int32
     prefills: list[PrefillSpan] = field(default_factory=list)
     logit_rows: torch.Tensor | None = None   # [S] rows whose next-token logits are wanted
+
+    def to(self, device) -> ForwardBatch:
+        """The same batch with every tensor on `device` (to send it to another rank)."""
+        def move(t):
+            return None if t is None else t.to(device)
+        return ForwardBatch(move(self.input_ids), move(self.positions), move(self.slots),
+                            self.num_decode, move(self.page_table), move(self.context_lens),
+                            [span.to(device) for span in self.prefills], move(self.logit_rows))
 
 
 @dataclass
@@ -61,9 +73,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Transformer:
+    """`weights` are this rank's slices when `tp` spans several ranks (see `TensorShard`);
+    `config` is the whole model's."""
+
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int,
-                 matmul_dtype: torch.dtype | None = None):
-        self.config = config
+                 matmul_dtype: torch.dtype | None = None, tp: TensorParallel | None = None):
+        self.tp = tp or TensorParallel.single()
+        self.full_config = config
+        self.config = self.tp.shard.local_config(config)
         self.scale = config.head_dim ** -0.5
         self.matmul_dtype = matmul_dtype or weights["model.embed_tokens.weight"].dtype
         self.embed = weights["model.embed_tokens.weight"]
@@ -97,11 +114,19 @@ class Transformer:
     def _for_matmul(self, weight: torch.Tensor) -> torch.Tensor:
         return for_linear(weight.to(self.matmul_dtype))
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this rank holds (a tied LM head counted once)."""
+        tensors = {id(t): t for t in (self.embed, self.norm, self.lm_head)}
+        for layer in self.layers:
+            tensors.update((id(t), t) for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_layers: list[torch.Tensor],
                 after_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Writes the batch's K/V into `kv_layers`; returns float32 logits [S, vocab]."""
-        x = F.embedding(batch.input_ids, self.embed)             # [T, hidden]
+        x = self.tp.embed(batch.input_ids, self.embed, self.full_config)   # [T, hidden]
         angles = self.rotary.lookup(batch.positions, x.dtype)
         for index, layer in enumerate(self.layers):
             x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.config.rms_norm_eps),
@@ -111,11 +136,12 @@ class Transformer:
                 after_layer(index)
         rows = batch.logit_rows
         hidden = x if rows is None else x[rows]
-        return linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        logits = linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head)
+        return self.tp.gather_logits(logits.float(), self.full_config)
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, layer.down)
+        return self.tp.sum_partials(linear(F.silu(gate) * up, layer.down))
 
     def _attention(self, layer: _Layer, x: torch.Tensor, batch: ForwardBatch,
                    kv: torch.Tensor, angles) -> torch.Tensor:
@@ -138,7 +164,7 @@ class Transformer:
                                              self.scale)
         for span in batch.prefills:
             out[span.row:span.row + span.length] = self._prefill_attention(q, k, v, flat, span)
-        return linear(out.view(-1, heads * dim), layer.o)
+        return self.tp.sum_partials(linear(out.view(-1, heads * dim), layer.o))
 
     def _prefill_attention(self, q, k, v, flat, span: PrefillSpan) -> torch.Tensor:
         rows = slice(span.row, span.row + span.length)

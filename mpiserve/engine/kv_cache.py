@@ -6,7 +6,7 @@ import torch
 
 from mpiserve.kernels import pack_slots, unpack_slots
 
-from .model_config import ModelConfig
+from ..model.model_config import ModelConfig
 
 
 def pages_for_budget(config: ModelConfig, page_size: int, budget_bytes: int) -> int:

@@ -10,7 +10,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers.models import BPE
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .gguf_checkpoint import open_gguf
 from .tokenizer import Tokenizer
 

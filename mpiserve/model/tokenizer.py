@@ -14,7 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import processors
 
-from .errors import CheckpointError, InvalidRequestError
+from ..errors import CheckpointError, InvalidRequestError
 
 
 class Tokenizer:

@@ -27,8 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .batch_input import BatchItem
-from .errors import MpiserveError
+from ..errors import MpiserveError
+from .input_file import BatchItem
 
 FINISH_REASONS = ("stop", "length")
 CLIENT_FAULTS = ("invalid_request", "duplicate_custom_id")     # status 400; other codes 500

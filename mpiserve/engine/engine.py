@@ -8,21 +8,22 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import load_checkpoint
-from .default_model import default_model
+from ..errors import InvalidRequestError
+from ..model.checkpoint import load_checkpoint
+from ..model.default_model import default_model
+from ..model.matmul_dtype import choose_matmul_dtype
+from ..model.tensor_parallel import TensorParallel
+from ..model.tokenizer import Tokenizer
+from ..model.transformer import ForwardBatch, PrefillSpan, Transformer
 from .engine_config import EngineConfig
-from .errors import InvalidRequestError
 from .forward_batch_builder import build_forward_batch, order_chunks
 from .kv_cache import KVCache, pages_for_budget
-from .matmul_dtype import choose_matmul_dtype
-from .model import ForwardBatch, PrefillSpan, Transformer
 from .page_pool import PagePool
 from .sampler import new_generator, sample
 from .sampling_params import SamplingParams
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .stopping import finish_reason
-from .tokenizer import Tokenizer
 
 LayerHookFactory = Callable[[list[Chunk]], Callable[[int], None] | None]
 
@@ -42,13 +43,20 @@ def pick_device(name: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None):
+    """One engine. In a tensor-parallel group, every rank builds one with its `tp` shard; the
+    lead schedules and samples, and hands each step's batch to `plans.publish`; the other
+    ranks run `follow(plans)`, the same forward passes on their shards."""
+
+    def __init__(self, config: EngineConfig | None = None, tp: TensorParallel | None = None,
+                 plans=None):
         config = config or EngineConfig()
         torch.set_num_threads(config.torch_threads)
         self.config = config
+        self.plans = plans
         self.model_dir = config.model or str(default_model())
         self.device = pick_device(config.device)
-        self.model_config, weights = load_checkpoint(self.model_dir, config.dtype)
+        tp = tp or TensorParallel.single()
+        self.model_config, weights = load_checkpoint(self.model_dir, config.dtype, tp.shard)
         weights = {name: t.to(self.device) for name, t in weights.items()}
         self.dtype = weights["model.embed_tokens.weight"].dtype
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
@@ -56,11 +64,13 @@ class Engine:
                              | set(self.model_config.eos_token_ids))
         self.max_model_len = min(config.max_model_len or 1 << 62, self.model_config.context_limit)
         self.matmul_dtype = choose_matmul_dtype(self.dtype, self.device, config.matmul_dtype)
-        self.model = Transformer(self.model_config, weights, self.max_model_len, self.matmul_dtype)
+        self.model = Transformer(self.model_config, weights, self.max_model_len, self.matmul_dtype,
+                                 tp)
+        shard_config = self.model.config                     # this rank's heads
         num_pages = config.num_pages or pages_for_budget(
-            self.model_config, config.page_size, int(config.kv_cache_gib * 2**30))
+            shard_config, config.page_size, int(config.kv_cache_gib * 2**30))
         self.pool = PagePool(num_pages, config.page_size)
-        self.kv = KVCache(self.model_config, num_pages, config.page_size, self.dtype, self.device)
+        self.kv = KVCache(shard_config, num_pages, config.page_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_batch_tokens,
                                    self.max_model_len)
         self._generators: dict[int, torch.Generator | None] = {}
@@ -159,6 +169,8 @@ class Engine:
         if not chunks:
             return []
         batch = build_forward_batch(chunks, self.kv, self.device)
+        if self.plans is not None:
+            self.plans.publish(batch)
         after_layer = layer_hook(chunks) if layer_hook is not None else None
         logits = self.model.forward(batch, self.kv.layers, after_layer)
         events, row = [], 0
@@ -172,6 +184,15 @@ class Engine:
                 self.scheduler.finish(chunk.seq, release=False)     # pages go with the send
                 events.append(TokenEvent(chunk.seq, None, True))
         return events
+
+    def follow(self, plans) -> int:
+        """A follower rank of a tensor-parallel group: run the lead's forward passes until it
+        publishes None; returns the number of steps run."""
+        steps = 0
+        while (batch := plans.next()) is not None:
+            self.model.forward(batch.to(self.device), self.kv.layers)
+            steps += 1
+        return steps
 
     def _count(self, chunk: Chunk) -> None:
         kind = "decode" if chunk.start >= len(chunk.seq.prompt) else "prefill"
