@@ -1,9 +1,9 @@
 """Tensor parallelism on CPU: decode step time and weight memory per rank of one engine split
-over 2 ranks (gloo) against the same engine on 1 rank.
+over 2 ranks (MPI collectives) against the same engine on 1 rank.
 
 Runs itself under `mpiexec -n 2`. The 1-rank engine runs on rank 0 while rank 1 sleeps; the
 2-rank engine runs on both, rank 0 leading. Both decode the same batch of sequences after the
-same prefill; the report gives the mean step time, the share of the 2-rank step spent in
+same prefill; the report gives the median step time, the share of the 2-rank step spent in
 all-reduce/all-gather (waiting included), each rank's weight bytes, and whether the greedy
 tokens of both engines agreed.
 """
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .report_files import write_report
 
-FULL = {"sequences": 16, "prompt": 256, "steps": 32}
+FULL = {"sequences": 16, "prompt": 256, "steps": 48}
 QUICK = {"sequences": 4, "prompt": 32, "steps": 4}
 
 
@@ -56,15 +58,16 @@ def decode_run(engine, plan: dict, vocab: int) -> dict:
             for i in range(plan["sequences"])]
     while any(not s.output for s in seqs):
         engine.step()
-    collective_before = engine.model.tp.collective_s
-    started = time.perf_counter()
+    steps, collectives = [], []
     for _ in range(plan["steps"]):
+        collective_before, started = engine.model.tp.collective_s, time.perf_counter()
         engine.step()
-    elapsed = time.perf_counter() - started
+        steps.append(time.perf_counter() - started)
+        collectives.append(engine.model.tp.collective_s - collective_before)
     while engine.has_work:
         engine.step()
-    return {"step_s": elapsed / plan["steps"],
-            "collective_s": (engine.model.tp.collective_s - collective_before) / plan["steps"],
+    return {"step_s": statistics.median(steps), "step_s_all": steps,
+            "collective_s": statistics.median(collectives),
             "tokens": [list(s.output) for s in seqs]}
 
 
@@ -102,12 +105,14 @@ def worker(args) -> int:
 
 def report(args, engine, plan: dict, one: dict, two: dict) -> None:
     same = one.pop("tokens") == two.pop("tokens")
-    result = {"model": engine.model_dir, "workload": plan, "tp1": one, "tp2": two,
+    model = Path(engine.model_dir).name                   # no machine path in results
+    result = {"model": model, "workload": plan, "tp1": one, "tp2": two,
               "speedup": one["step_s"] / two["step_s"],
               "collective_share": two["collective_s"] / two["step_s"],
               "weight_ratio": max(two["weight_bytes"]) / one["weight_bytes"][0],
               "greedy_tokens_identical": same}
-    lines = [f"decode step, {plan['sequences']} sequences of {plan['prompt']}-token prompts: "
+    lines = [f"median decode step, {plan['sequences']} sequences of {plan['prompt']}-token "
+             "prompts: "
              f"TP-1 {one['step_s'] * 1e3:.1f} ms, TP-2 {two['step_s'] * 1e3:.1f} ms "
              f"({result['speedup']:.2f}x; all-reduce/all-gather "
              f"{result['collective_share']:.0%} of the TP-2 step)",
@@ -116,9 +121,10 @@ def report(args, engine, plan: dict, one: dict, two: dict) -> None:
              + f" MiB ({result['weight_ratio']:.2f}x)",
              f"greedy tokens of TP-1 and TP-2 identical: {same}"]
     print("\n".join(lines), flush=True)
-    markdown = ("# Tensor parallelism on CPU (gloo)\n\n`python -m mpiserve.bench.tensor_parallel`"
-                f"\n\nModel: {engine.model_dir}\n\n" + "\n".join(f"- {line}" for line in lines)
-                + "\n")
+    markdown = ("# Tensor parallelism on CPU (MPI collectives)\n\n"
+                "`python -m mpiserve.bench.tensor_parallel`\n\n"
+                f"Model: {model} (bench_model.TP_BENCH)\n\n"
+                + "\n".join(f"- {line}" for line in lines) + "\n")
     write_report(args.out, "tensor_parallel", result, markdown)
 
 

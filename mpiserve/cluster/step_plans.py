@@ -38,7 +38,7 @@ class StepPlans:
         Waits without
         spinning; the wait ends with the lead's next step, its stop, or (when the lead dies)
         the MPI launcher ending the job."""
-        backoff = Backoff()
+        backoff = Backoff(first=0.0001)       # the next step usually follows within ms
         while not self.comm.iprobe(source=LEAD, tag=PLAN_TAG):
             backoff.sleep()
         return self.comm.recv(source=LEAD, tag=PLAN_TAG)

@@ -137,7 +137,7 @@ class Transformer:
         rows = batch.logit_rows
         hidden = x if rows is None else x[rows]
         logits = linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head)
-        return self.tp.gather_logits(logits.float(), self.full_config)
+        return self.tp.gather_logits(logits, self.full_config).float()
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, layer.gate_up).chunk(2, dim=-1)
