@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "records already there are skipped, so a re-run resumes)")
     run.add_argument("--prefill", type=int, help="prefill engines (default: half the engines)")
     run.add_argument("--decode", type=int, help="decode engines (default: the rest)")
+    run.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel size of every engine: ranks per engine (the world "
+                          "size is then 1 + P*prefill_tp + D*decode_tp)")
+    run.add_argument("--prefill-tp", type=int, help="tensor-parallel size of the prefill "
+                     "engines (default: --tp)")
+    run.add_argument("--decode-tp", type=int, help="tensor-parallel size of the decode engines "
+                     "(default: --tp)")
     run.add_argument("--router", default="round_robin",
                      help="round_robin, pd, balanced_pd, prefix_aware, adaptive, or "
                           "path/to/file.py:function")
@@ -123,6 +130,7 @@ def main(argv=None) -> int:
             return run_job(JobOptions(
                 input=args.input, output=args.output, router=args.router,
                 router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,
+                prefill_tp=args.prefill_tp or args.tp, decode_tp=args.decode_tp or args.tp,
                 max_inflight=args.max_inflight, drain_timeout_s=args.drain_timeout,
                 record_itl=args.record_itl,
                 dashboard=args.dashboard, run_dir=args.run_dir,

@@ -26,6 +26,8 @@ class JobOptions:
     router_args: dict = field(default_factory=dict)
     prefill: int | None = None
     decode: int | None = None
+    prefill_tp: int = 1                   # ranks per prefill engine (tensor parallelism)
+    decode_tp: int = 1
     max_inflight: int = 256
     drain_timeout_s: float = 60.0
     record_itl: bool = False
@@ -72,7 +74,8 @@ def run_job(options: JobOptions) -> int:
 
 def _run_rank(comm, options: JobOptions) -> int:
     rank = comm.Get_rank()
-    layout = JobLayout.infer(comm.Get_size(), options.prefill, options.decode)
+    layout = JobLayout.infer(comm.Get_size(), options.prefill, options.decode,
+                             options.prefill_tp, options.decode_tp)
     problem = layout.problem()
     if problem:
         if rank == ROUTER_RANK:
@@ -84,10 +87,15 @@ def _run_rank(comm, options: JobOptions) -> int:
             say(f"error: {prepared}")
         return EXIT_USAGE
     from .cluster.bringup import init_data_plane
+    from .cluster.tensor_group import join_job_groups
     init_data_plane(comm, timeout_s=options.heartbeat_timeout_s)
+    shard = join_job_groups(comm, layout)
     if rank == ROUTER_RANK:
         return _router_rank(comm, layout, options, prepared)
-    return _engine_rank(comm, layout, options)
+    tp, plans = shard
+    if rank != layout.group_of(rank).lead:
+        return _follower_rank(comm, layout, options, tp, plans)
+    return _engine_rank(comm, layout, options, tp, plans)
 
 
 def _prepare_router(options: JobOptions):
@@ -97,6 +105,7 @@ def _prepare_router(options: JobOptions):
     from .model.checkpoint import check_weights
     from .model.default_model import default_model
     from .model.model_config import ModelConfig
+    from .model.tensor_shard import TensorShard
     from .model.tokenizer import Tokenizer
     from .router.loader import load_router
     try:
@@ -107,6 +116,10 @@ def _prepare_router(options: JobOptions):
         if not str(model_dir).endswith(".gguf"):   # GGUF files are checked as they load
             check_weights(model_dir, config)
         tokenizer = Tokenizer.from_dir(model_dir)
+        for size in sorted({options.prefill_tp, options.decode_tp} - {1}):
+            problem = TensorShard(size).problem(config)
+            if problem:
+                return f"{model_dir}: cannot be split over {size} ranks: {problem}"
         output = BatchOutput(options.output)
     except MpiserveError as exc:
         return str(exc)
@@ -115,7 +128,8 @@ def _prepare_router(options: JobOptions):
     return route, items, model_dir, config, tokenizer, output
 
 
-def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
+def _engine_rank(comm, layout: JobLayout, options: JobOptions, tp, plans) -> int:
+    """An engine's lead rank (the whole engine when it has one rank): serves the router."""
     from .cluster.control import ControlChannel
     from .cluster.engine_worker import EngineWorker, WorkerOptions, report_fatal
     from .cluster.heartbeat import HeartbeatSender, heartbeat_interval
@@ -125,13 +139,37 @@ def _engine_rank(comm, layout: JobLayout, options: JobOptions) -> int:
     worker = None
     heartbeat = HeartbeatSender(comm, heartbeat_interval(options.heartbeat_timeout_s)).start()
     try:
-        engine = Engine(options.engine)
+        engine = Engine(options.engine, tp, plans)
         worker = EngineWorker(comm, engine, layout.role(comm.Get_rank()), WorkerOptions(
             transfer_timeout_s=options.transfer_timeout_s, fail_transfers=options.fail_transfers))
         worker.run()
+        if plans is not None:             # the other ranks of the group stop following
+            plans.publish(None)
+            plans.flush()
         worker.report_final(heartbeats_sent=heartbeat.stop())
     except BaseException as exc:          # report, then let rank 0 end the job
         report_fatal(worker.control if worker is not None else ControlChannel(comm), exc)
+        _wait_for_abort(comm, options.heartbeat_timeout_s)
+        return EXIT_FAILED
+    _close_data_plane()
+    return EXIT_OK
+
+
+def _follower_rank(comm, layout: JobLayout, options: JobOptions, tp, plans) -> int:
+    """A non-lead rank of a tensor-parallel engine: runs its shard of every step the lead
+    plans, until the lead says stop. A failure is reported to rank 0 naming the group."""
+    from .cluster.control import ControlChannel
+    from .cluster.engine_worker import report_fatal
+    from .engine.engine import Engine
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    group = layout.group_of(comm.Get_rank())
+    try:
+        Engine(options.engine, tp).follow(plans)
+    except BaseException as exc:
+        report_fatal(ControlChannel(comm), exc, f"rank {comm.Get_rank()} of the {group.role} "
+                     f"engine led by rank {group.lead} (ranks {group.ranks.start}-"
+                     f"{group.ranks.stop - 1}, TP {group.size}):\n")
         _wait_for_abort(comm, options.heartbeat_timeout_s)
         return EXIT_FAILED
     _close_data_plane()
@@ -185,7 +223,8 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     control = ControlChannel(comm)
     dispatcher = Dispatcher(control, layout.engine_ranks, options.heartbeat_timeout_s)
     roles = {rank: layout.role(rank) for rank in layout.engine_ranks}
-    cluster = Cluster(dispatcher, roles, options.engine.page_size, options.router_args)
+    tp = {group.lead: group.size for group in layout.groups}
+    cluster = Cluster(dispatcher, roles, options.engine.page_size, options.router_args, tp)
     name = Path(options.engine.model).name if options.engine.model else "mpiserve-demo"
     limits = ModelLimits(name, config.vocab_size,
                          min(options.engine.max_model_len or 1 << 62, config.context_limit))
@@ -193,7 +232,7 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
                          options.max_inflight, options.drain_timeout_s,
                          record_itl=options.record_itl,
                          request_timeout_s=options.request_timeout_s)
-    observer = JobObserver(options.dashboard, job_info(options, comm.Get_size(), name, roles),
+    observer = JobObserver(options.dashboard, job_info(options, comm.Get_size(), name, roles, tp),
                            dispatcher, cluster, runner.tally, run_dir(options))
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
@@ -233,11 +272,13 @@ def run_dir(options: JobOptions) -> Path:
     return output.with_name(f"{output.stem}.run")
 
 
-def job_info(options: JobOptions, world_size: int, model: str, roles: dict[int, str]) -> dict:
+def job_info(options: JobOptions, world_size: int, model: str, roles: dict[int, str],
+             tp: dict[int, int]) -> dict:
     """The job's configuration, as the dashboard and the run report show it."""
     from .model.default_model import random_weights_note
     return {"model": model, "note": random_weights_note(options.engine.model) or "",
             "router": options.router, "router_args": dict(options.router_args),
-            "world_size": world_size, "engines": dict(roles), "input": options.input,
+            "world_size": world_size, "engines": dict(roles), "tensor_parallel": dict(tp),
+            "input": options.input,
             "output": options.output, "max_inflight": options.max_inflight,
             "engine": asdict(options.engine)}

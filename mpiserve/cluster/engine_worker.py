@@ -46,9 +46,11 @@ class WorkerOptions:
     fail_transfers: int = 0          # testing: the first N remote_send calls fail on purpose
 
 
-def report_fatal(control: ControlChannel, exc: BaseException) -> None:
-    """Tell the router this rank died, with the traceback (delivery waited on, bounded)."""
-    control.send(ROUTER_RANK, Fatal(control.rank, "".join(traceback.format_exception(exc))))
+def report_fatal(control: ControlChannel, exc: BaseException, where: str = "") -> None:
+    """Tell the router this rank died, with the traceback (delivery waited on, bounded);
+    `where` says which engine it belongs to when that is not the rank itself."""
+    control.send(ROUTER_RANK, Fatal(control.rank,
+                                    where + "".join(traceback.format_exception(exc))))
     control.flush(timeout=5.0)
 
 
@@ -134,7 +136,7 @@ class EngineWorker:
         self._drop_reservation(request.id)
         self.reservations[request.id] = seq
         self._reply(Reply(call.call_id, KVAddress(self.rank, request.id, seq.num_computed, end,
-                                                  tuple(seq.page_ids))))
+                                                  tuple(seq.page_ids), self.engine.tp_size)))
         return True
 
     def _retry_reservations(self) -> bool:
@@ -176,6 +178,10 @@ class EngineWorker:
         if self.fail_budget > 0:
             self.fail_budget -= 1
             self._abandon(call, kv, begin, end, "injected transfer failure")
+            return
+        if kv.tp > 1 or self.engine.tp_size > 1:
+            self._abandon(call, kv, begin, end, "KV transfer to or from a tensor-parallel "
+                          "engine is not implemented yet")
             return
         try:
             seq = self.engine.prefill_for_send(f"{request.id}/send{call.call_id}",
@@ -371,6 +377,7 @@ class EngineWorker:
     def stats(self) -> dict:
         engine, pool = self.engine, self.engine.pool
         return {"role": self.role, "host": self.host, "busy_s": self.busy_s,
+                "tp": engine.tp_size, "weight_bytes_per_rank": engine.model.weight_bytes,
                 "running": len(engine.scheduler.running),
                 "waiting": len(engine.scheduler.waiting), "pages_used": pool.num_used,
                 "pages_total": pool.num_pages, "prefix_hit_tokens": pool.hit_tokens,

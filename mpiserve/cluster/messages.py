@@ -33,6 +33,7 @@ class KVAddress:
     matched: int
     end: int
     page_ids: tuple[int, ...]
+    tp: int = 1                 # the receiver's tensor-parallel size (ranks holding the KV)
 
 
 # ---- router -> engine --------------------------------------------------------------------

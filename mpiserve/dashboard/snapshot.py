@@ -158,13 +158,19 @@ def _delta(now: Mapping, before: Mapping, key: str) -> float:
     return now.get(key, 0) - before.get(key, 0)
 
 
+def _with_tp(role: str, tp: int) -> str:
+    """A tensor-parallel engine's role with its rank count: "decode TP2"."""
+    return f"{role} TP{tp}" if tp > 1 else role
+
+
 def engine_row(rank: int, role: str, stats: Mapping | None,
                rates: Mapping[str, float]) -> EngineRow:
     if stats is None:                         # not heard from yet
         return EngineRow(rank, "", role)
     queried = stats.get("prefix_query_tokens", 0)
     return EngineRow(
-        rank=rank, host=stats.get("host", ""), role=stats.get("role", role),
+        rank=rank, host=stats.get("host", ""), role=_with_tp(stats.get("role", role),
+                                                              stats.get("tp", 1)),
         running=stats.get("running", 0), waiting=stats.get("waiting", 0),
         pages_used=stats.get("pages_used", 0), pages_total=stats.get("pages_total", 0),
         prefix_hit_rate=stats.get("prefix_hit_tokens", 0) / queried if queried else None,

@@ -185,6 +185,11 @@ class Engine:
                 events.append(TokenEvent(chunk.seq, None, True))
         return events
 
+    @property
+    def tp_size(self) -> int:
+        """Ranks this engine's model is split over (tensor parallelism)."""
+        return self.model.tp.size
+
     def follow(self, plans) -> int:
         """A follower rank of a tensor-parallel group: run the lead's forward passes until it
         publishes None; returns the number of steps run."""

@@ -17,8 +17,9 @@ class Cluster:
     `--router-arg key=value` options; `prefixes` estimates which engine holds which prefix."""
 
     def __init__(self, dispatcher: Dispatcher, roles: dict[int, str], page_size: int,
-                 args: dict | None = None):
-        self.engines = [EngineHandle(rank, role, dispatcher, self)
+                 args: dict | None = None, tp: dict[int, int] | None = None):
+        """`roles` and `tp` (ranks per engine, default 1) are keyed by engine lead rank."""
+        self.engines = [EngineHandle(rank, role, dispatcher, self, (tp or {}).get(rank, 1))
                         for rank, role in sorted(roles.items())]
         self.prefill = [e for e in self.engines if e.role == "prefill"]
         self.decode = [e for e in self.engines if e.role == "decode"]

@@ -21,15 +21,16 @@ class Load:
 
 
 class EngineHandle:
-    def __init__(self, rank: int, role: str, dispatcher: Dispatcher, cluster):
+    def __init__(self, rank: int, role: str, dispatcher: Dispatcher, cluster, tp: int = 1):
         self.rank, self.role = rank, role
+        self.tp = tp                      # ranks the engine's model is split over
         self._dispatcher = dispatcher
         self._cluster = cluster
         self._active = 0
         self._queued_prefill = 0
 
     def __repr__(self) -> str:
-        return f"<engine rank {self.rank} ({self.role})>"
+        return f"<engine rank {self.rank} ({self.role}{f', TP {self.tp}' if self.tp > 1 else ''})>"
 
     @property
     def load(self) -> Load:
