@@ -160,12 +160,13 @@ def _follower_rank(comm, layout: JobLayout, options: JobOptions, tp, plans) -> i
     plans, until the lead says stop. A failure is reported to rank 0 naming the group."""
     from .cluster.control import ControlChannel
     from .cluster.engine_worker import report_fatal
+    from .cluster.tp_follower import Follower
     from .engine.engine import Engine
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     group = layout.group_of(comm.Get_rank())
     try:
-        Engine(options.engine, tp).follow(plans)
+        Follower(Engine(options.engine, tp), plans, options.transfer_timeout_s).run()
     except BaseException as exc:
         report_fatal(ControlChannel(comm), exc, f"rank {comm.Get_rank()} of the {group.role} "
                      f"engine led by rank {group.lead} (ranks {group.ranks.start}-"

@@ -47,7 +47,8 @@ class LLM:
         if self.plans is None:
             return self._generate(prompts, params, progress)
         if not self.plans.is_lead:
-            self.engine.follow(self.plans)
+            from .cluster.tp_follower import Follower
+            Follower(self.engine, self.plans).run()
             outputs = self.plans.comm.bcast(None, root=0)
             if outputs is None:
                 raise MpiserveError("generate failed on the lead rank (rank 0); see its error")

@@ -10,27 +10,48 @@ from test_mpi_runtime import describe, mpirun
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(600)]
 
-# (options, ranks, router): world size = 1 + P * prefill_tp + D * decode_tp
+# (options, ranks, router): world size = 1 + P * prefill_tp + D * decode_tp. The KV of the
+# disaggregating routers moves between groups of sizes 2->1, 1->2, 2->2 and 1->4 (the demo
+# model has 4 KV heads: one per rank at TP 4).
 LAYOUTS = [(("--tp", 2), 5, "round_robin"),
-           (("--prefill-tp", 2), 4, "balanced_pd"),
-           (("--decode-tp", 2), 4, "pd")]
+           (("--prefill-tp", 2), 4, "pd"),
+           (("--decode-tp", 2), 4, "balanced_pd"),
+           (("--tp", 2), 5, "balanced_pd"),
+           (("--decode-tp", 4), 6, "pd")]
+IDS = ["tp2-round_robin", "2to1-pd", "1to2-balanced_pd", "2to2-balanced_pd", "1to4-pd"]
 
 
-@pytest.mark.parametrize("options,ranks,router", LAYOUTS,
-                         ids=["tp2-round_robin", "prefill_tp2-balanced_pd", "decode_tp2-pd"])
-def test_tensor_parallel_job_matches_one_rank_engines(tmp_path, options, ranks, router):
+def run_layout(tmp_path, options, ranks, router, *extra):
+    """Run the layout on 8 requests; check the tokens against one-rank engines and return the
+    run report."""
     source = write_requests(tmp_path / "in.jsonl", count=8, max_tokens=16)
     expected = reference_tokens(source, tmp_path)
     output = tmp_path / "out.jsonl"
-    code, log = run_job(source, output, *options, "--router", router, ranks=ranks)
+    code, log = run_job(source, output, *options, "--router", router, *extra, ranks=ranks)
     assert code == 0, log
     assert tokens_by_id(read_records(output)) == expected
-    summary = json.loads((tmp_path / "out.run" / "summary.json").read_text())
+    return json.loads((tmp_path / "out.run" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("options,ranks,router", LAYOUTS, ids=IDS)
+def test_tensor_parallel_job_matches_one_rank_engines(tmp_path, options, ranks, router):
+    summary = run_layout(tmp_path, options, ranks, router)
     tp = {int(lead): size for lead, size in summary["config"]["tensor_parallel"].items()}
-    assert sum(tp.values()) == ranks - 1 and max(tp.values()) == 2
-    for lead, stats in summary["engines"].items():
+    assert sum(tp.values()) == ranks - 1 and max(tp.values()) > 1
+    engines = summary["engines"]
+    for lead, stats in engines.items():
         assert stats["tp"] == tp[int(lead)], lead
         assert stats["weight_bytes_per_rank"] > 0
+        assert stats["fallbacks"] == 0 and stats["transfers_failed"] == 0, (lead, stats)
+    sent = sum(e["kv_bytes_sent"] for e in engines.values())
+    assert sent == sum(e["kv_bytes_received"] for e in engines.values())
+    assert (sent > 0) == (router != "round_robin")
+
+
+def test_failed_transfer_into_a_tensor_parallel_engine_falls_back(tmp_path):
+    summary = run_layout(tmp_path, ("--decode-tp", 2), 4, "pd", "--fail-transfers", 2)
+    decode = next(e for e in summary["engines"].values() if e["role"] == "decode")
+    assert decode["fallbacks"] == 2 and decode["transfers_failed"] == 2
 
 
 def test_world_size_that_does_not_add_up_is_refused_with_the_arithmetic(tmp_path):

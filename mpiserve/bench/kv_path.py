@@ -8,7 +8,7 @@ Launches itself as `mpiexec -n 3` (mpiexec next to the Python interpreter). Two 
 1. **Bandwidth** (ranks 1 -> 2; rank 0 waits). For each size N, the real path: the sender
    announces the transfer on the control plane (`KVAnnounce`), packs the KV of N tokens of
    every layer with `KVCache.read` from pages scattered over its pool and sends it layer by
-   layer with `OutgoingTransfer.send_layer`; the receiver posts its receives with
+   layer with `kv_transfer.send_layer`; the receiver posts its receives with
    `post_receives`, waits with `WorkWaiter` and unpacks every layer with `KVCache.write` into
    its own scattered pages - the code the engine ranks run. Against it: a raw torch.distributed
    send/recv of one contiguous tensor of the same bytes. Ratio = raw time / real time (target
@@ -114,8 +114,16 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
 
     from ..cluster.control import ControlChannel
     from ..cluster.engine_worker import dtype_name
-    from ..cluster.kv_transfer import OutgoingTransfer, WorkWaiter, post_receives
+    from ..cluster.kv_transfer import (
+        KVStream,
+        OutgoingTransfer,
+        WorkWaiter,
+        joined,
+        post_receives,
+        send_layer,
+    )
     from ..cluster.messages import KVAnnounce, KVPiece
+    from ..model.tensor_shard import WHOLE
     rank = comm.Get_rank()
     control = ControlChannel(comm)
     dtype = getattr(torch, config.torch_dtype)
@@ -135,8 +143,11 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
                 control.send(2, KVAnnounce((piece,), tuple(kv.layers[0].shape[3:]),
                                            dtype_name(dtype), kv.num_layers))
                 out = OutgoingTransfer(trial, f"bw{n}", None, 2, 0, n)
+                stream = KVStream(2, 1, (slots,))
                 for layer in range(kv.num_layers):
-                    out.send_layer(kv.read(layer, slots))
+                    for _, _, buffer, work in send_layer(kv, layer, (stream,), WHOLE,
+                                                         config.num_kv_heads):
+                        out.sent(buffer, work)
                 out.start_waiting(TIMEOUT_S)
                 _wait(out.waiter)
             elif rank == 2:
@@ -147,8 +158,8 @@ def bandwidth(comm, config, sizes: list[int], repeats: int, device) -> list[dict
                 (buffers,), works = post_receives(source, announce, device)
                 _wait(WorkWaiter(works, TIMEOUT_S))
                 slots = kv.slots(page_ids, 0, n)
-                for layer, buffer in enumerate(buffers):
-                    kv.write(layer, slots, buffer)
+                for layer, routes in enumerate(buffers):
+                    kv.write(layer, slots, joined(routes))
                 _sync(device)
             real_s = time.perf_counter() - started
             barrier(comm)

@@ -75,6 +75,7 @@ def worker(args) -> int:
     from mpi4py import MPI
 
     from ..cluster.tensor_group import join_world_group
+    from ..cluster.tp_follower import Follower
     from ..engine.engine import Engine
     from ..engine.engine_config import EngineConfig
     comm = MPI.COMM_WORLD
@@ -93,7 +94,7 @@ def worker(args) -> int:
     engine = Engine(config, tp, plans if plans.is_lead else None)
     weight_bytes = comm.gather(engine.model.weight_bytes, root=0)
     if rank != 0:
-        engine.follow(plans)
+        Follower(engine, plans).run()
         return 0
     two = decode_run(engine, plan, engine.model_config.vocab_size)
     plans.publish(None)

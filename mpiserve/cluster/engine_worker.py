@@ -17,10 +17,12 @@ from .control import ControlChannel
 from .kv_transfer import (
     IncomingCall,
     IncomingStep,
+    KVStream,
     OutgoingTransfer,
     WorkWaiter,
-    nbytes,
+    joined,
     post_receives,
+    send_layer,
 )
 from .layout import ROUTER_RANK
 from .messages import (
@@ -37,6 +39,7 @@ from .messages import (
     TokenUpdate,
     TransferDone,
 )
+from .step_plans import ReceivePlan, WritePlan
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class EngineWorker:
         self.counters = {"kv_bytes_sent": 0, "kv_bytes_received": 0, "transfers_failed": 0,
                          "fallbacks": 0, "requests_done": 0, "requests_aborted": 0}
         self.stopping = False
+        self._next_key = 0                               # names announcements to followers
         self.host = socket.gethostname()
         self.busy_s = 0.0                                # time spent in engine steps
         self._next_stats = 0.0
@@ -179,10 +183,6 @@ class EngineWorker:
             self.fail_budget -= 1
             self._abandon(call, kv, begin, end, "injected transfer failure")
             return
-        if kv.tp > 1 or self.engine.tp_size > 1:
-            self._abandon(call, kv, begin, end, "KV transfer to or from a tensor-parallel "
-                          "engine is not implemented yet")
-            return
         try:
             seq = self.engine.prefill_for_send(f"{request.id}/send{call.call_id}",
                                                request.prompt[:end])
@@ -190,7 +190,7 @@ class EngineWorker:
             self._abandon(call, kv, begin, end, str(exc))
             return
         self.to_send[id(seq)] = OutgoingTransfer(call.call_id, request.id, seq, kv.rank,
-                                                 begin, end)
+                                                 begin, end, dest_tp=kv.tp)
 
     def _abandon(self, call: Call, kv: KVAddress, begin: int, end: int, reason: str) -> None:
         """Tell the receiver no data will come, so it falls back to recomputing."""
@@ -214,20 +214,35 @@ class EngineWorker:
             t.sent_upto = end
         if not by_dest:
             return None
+        engine = self.engine
         for dest, pieces in by_dest.items():
             self.control.send(dest, KVAnnounce(tuple(p for _, p, _ in pieces),
-                                               tuple(kv.layers[0].shape[3:]),
-                                               dtype_name(self.engine.dtype), kv.num_layers))
+                                               self._token_shape(),
+                                               dtype_name(engine.dtype), kv.num_layers,
+                                               engine.tp_size))
+        owners = list(by_dest.values())
+        streams = tuple(KVStream(dest, pieces[0][0].dest_tp, tuple(s for _, _, s in pieces))
+                        for dest, pieces in by_dest.items())
 
-        def send_layer(layer: int) -> None:              # layer-major, as announced
-            for pieces in by_dest.values():
-                for t, _, slots in pieces:
-                    t.send_layer(kv.read(layer, slots))
-        return send_layer
+        def send(layer: int) -> None:                    # layer-major, as announced
+            for s, p, buffer, work in send_layer(kv, layer, streams, engine.model.tp.shard,
+                                                 engine.model_config.num_kv_heads):
+                owners[s][p][0].sent(buffer, work)
+        send.streams = streams          # the group's other ranks send their heads' share
+        return send
+
+    def _token_shape(self) -> tuple[int, int]:
+        """[KV heads, head dim] of the whole model (a TP engine's ranks hold parts)."""
+        config = self.engine.model_config
+        return config.num_kv_heads, config.head_dim
 
     # ---- receiving ----------------------------------------------------------------------------
     def _announced(self, source: int, announce: KVAnnounce) -> None:
-        buffers, works = post_receives(source, announce, self.engine.device)
+        engine = self.engine
+        buffers, works = post_receives(source, announce, engine.device, engine.model.tp.shard)
+        key = self._next_key = self._next_key + 1
+        if engine.plans is not None:                     # the other ranks receive their heads
+            engine.plans.publish(ReceivePlan(key, source, announce))
         for piece in announce.pieces:
             call = self._incoming_call(piece.call_id, piece.request_id)
             problem = None if call.failed else self._piece_problem(announce, piece, call)
@@ -235,7 +250,8 @@ class EngineWorker:
             if problem:
                 self._fail_call(piece.call_id, piece.request_id, problem)
         waiter = WorkWaiter(works, self.options.transfer_timeout_s)
-        self.incoming.append(IncomingStep(source, announce, buffers, waiter))
+        followers = len(engine.plans.followers) if engine.plans is not None else 0
+        self.incoming.append(IncomingStep(source, announce, buffers, waiter, key, followers))
 
     def _abandoned(self, message: KVAbandon) -> None:
         self._incoming_call(message.call_id, message.request_id)
@@ -256,7 +272,7 @@ class EngineWorker:
         if piece.end > len(target.page_ids) * kv.page_size or not follows:
             return (f"[{piece.begin}, {piece.end}) does not continue the {target.num_computed} "
                     f"tokens held within the reserved {len(target.page_ids)} pages")
-        mine = (tuple(kv.layers[0].shape[3:]), kv.num_layers, dtype_name(self.engine.dtype))
+        mine = (self._token_shape(), kv.num_layers, dtype_name(self.engine.dtype))
         if (tuple(a.token_shape), a.num_layers, a.dtype) != mine:
             return (f"size mismatch: got {a.num_layers} layers of {tuple(a.token_shape)} "
                     f"{a.dtype} per token, expected {mine[1]} layers of {mine[0]} {mine[2]}")
@@ -274,45 +290,64 @@ class EngineWorker:
         self._reply(TransferDone(call_id, False, call.nbytes, reason))
 
     def _poll_transfers(self) -> bool:
-        """Land finished steps, each sender's in order; free the pages of finished sends."""
+        """Land finished steps (on every rank of the group), each sender's in order; free the
+        pages of finished sends."""
+        plans = self.engine.plans
         progressed, waiting_sources = False, set()
+        for landed in plans.landed() if plans is not None else ():
+            step = next(s for s in self.incoming if s.key == landed.key)
+            step.answered(landed.error)
         for step in list(self.incoming):
-            if step.source in waiting_sources or not step.waiter.finished:
+            if step.source in waiting_sources or not step.complete:
                 waiting_sources.add(step.source)
                 continue
             self.incoming.remove(step)
-            for piece, buffers in zip(step.announce.pieces, step.buffers):
-                self._landed(piece, buffers, step.waiter.error)
+            writes = tuple(self._landed(piece, buffers, step.error)
+                           for piece, buffers in zip(step.announce.pieces, step.buffers))
+            if plans is not None:                # before any step that reads this KV
+                plans.publish(WritePlan(step.key, writes))
             progressed = True
         for t in [t for t in self.sending if t.waiter.finished]:
             self.sending.remove(t)
             self.engine.release(t.seq)
-            self.counters["kv_bytes_sent"] += nbytes(t.buffers)
+            self.counters["kv_bytes_sent"] += self._kv_bytes(t.end - t.begin)
             progressed = True
         return progressed
 
-    def _landed(self, piece: KVPiece, buffers: list, error: str | None) -> None:
-        call = self.receiving[piece.call_id]
+    def _kv_bytes(self, tokens: int) -> int:
+        """Bytes of the KV of `tokens` positions over all layers and heads (all ranks)."""
+        heads, dim = self._token_shape()
+        return (2 * tokens * heads * dim * self.engine.kv.num_layers
+                * self.engine.kv.layers[0].element_size())
+
+    def _landed(self, piece: KVPiece, buffers: list, error: str | None):
+        """Write a landed piece (or fail its call); returns what the group's other ranks write:
+        (offset into the piece, slots), or None."""
+        call, write = self.receiving[piece.call_id], None
         if not call.failed:
             if error or self.reservations.get(piece.request_id) is not call.target:
                 self._fail_call(piece.call_id, piece.request_id,
                                 error or "request already started")
             else:
-                self._write_piece(call.target, piece, buffers)
-                call.nbytes += nbytes(buffers)
-                self.counters["kv_bytes_received"] += nbytes(buffers)
+                write = self._write_piece(call.target, piece, buffers)
+                call.nbytes += self._kv_bytes(piece.end - piece.begin)
+                self.counters["kv_bytes_received"] += self._kv_bytes(piece.end - piece.begin)
                 if piece.last:
                     self._reply(TransferDone(piece.call_id, True, call.nbytes))
         if piece.last:
             del self.receiving[piece.call_id]
+        return write
 
-    def _write_piece(self, target: Sequence, piece: KVPiece, buffers: list) -> None:
+    def _write_piece(self, target: Sequence, piece: KVPiece, buffers: list):
         start = max(piece.begin, target.num_computed)     # never rewrite prefix-cache pages
+        write = None
         if start < piece.end:
             slots = self.engine.kv.slots(target.page_ids, start, piece.end)
-            for layer, buffer in enumerate(buffers):
-                self.engine.kv.write(layer, slots, buffer[:, start - piece.begin:])
+            for layer, routes in enumerate(buffers):
+                self.engine.kv.write(layer, slots, joined(routes)[:, start - piece.begin:])
+            write = (start - piece.begin, slots.cpu())
         self.engine.kv_received(target, piece.end)
+        return write
 
     # ---- start_generate -----------------------------------------------------------------------
     def _start_generate(self, call: Call) -> None:

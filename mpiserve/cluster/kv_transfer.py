@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ..engine.sequence import Sequence
+from ..model.tensor_shard import WHOLE, TensorShard
+from .kv_routes import kv_routes
 from .messages import KVAnnounce
 
 
@@ -44,6 +46,10 @@ class WorkWaiter:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    def join(self) -> None:
+        """Until finished (bounded: the works' deadline ends the wait)."""
+        self._done.wait()
+
 
 @dataclass
 class OutgoingTransfer:
@@ -63,10 +69,11 @@ class OutgoingTransfer:
     def __post_init__(self):
         self.sent_upto = self.begin
 
-    def send_layer(self, buffer: torch.Tensor) -> None:
-        self.buffers.append(buffer)                  # kept alive until the send completes
-        self.works.append(dist.isend(buffer, self.dest))
+    dest_tp: int = 1                                 # ranks of the receiving engine
 
+    def sent(self, buffer: torch.Tensor, work) -> None:
+        self.buffers.append(buffer)                  # kept alive until the send completes
+        self.works.append(work)
 
     def start_waiting(self, timeout_s: float) -> None:
         self.waiter = WorkWaiter(self.works, timeout_s)
@@ -84,22 +91,83 @@ class IncomingCall:
 @dataclass
 class IncomingStep:
     """Receives posted for one announcement (always posted, to keep the pair's order);
-    `buffers[i]` holds piece i's layers."""
+    `buffers[i][layer]` holds piece i's layer, one tensor per route. In a tensor-parallel
+    engine the other `followers` ranks receive their heads and answer (step_plans.Landed)."""
     source: int
     announce: KVAnnounce
-    buffers: list[list[torch.Tensor]]
+    buffers: list[list[list[torch.Tensor]]]
     waiter: WorkWaiter
+    key: int = 0
+    followers: int = 0
+    answers: int = 0
+    follower_error: str | None = None
+
+    def answered(self, error: str | None) -> None:
+        self.answers += 1
+        self.follower_error = self.follower_error or error
+
+    @property
+    def complete(self) -> bool:
+        return self.waiter.finished and self.answers >= self.followers
+
+    @property
+    def error(self) -> str | None:
+        return self.waiter.error or self.follower_error
 
 
-def post_receives(source: int, announce: KVAnnounce, device) -> tuple[list, list]:
-    """Receive buffers per piece and the works, posted layer-major like the sender's sends."""
+@dataclass(frozen=True)
+class KVStream:
+    """One prefill step's pieces going to one engine (its lead rank and TP size): the KV
+    slots of each piece on the sending engine, in announcement order."""
+    dest: int
+    dest_tp: int
+    slots: tuple[torch.Tensor, ...]
+
+    def to(self, device) -> KVStream:
+        return KVStream(self.dest, self.dest_tp, tuple(s.to(device) for s in self.slots))
+
+
+def send_layer(kv, layer: int, streams, shard: TensorShard, num_kv_heads: int) -> list:
+    """Post this rank's sends of one layer of every stream: for each piece, the heads each
+    receiving rank needs from this rank (kv_routes). Returns (stream index, piece index,
+    buffer, work) per send; buffers must live until their work completes."""
+    held = shard.kv_head_range(num_kv_heads)
+    posted = []
+    for s, stream in enumerate(streams):
+        routes = [r for r in kv_routes(num_kv_heads, shard.size, stream.dest_tp)
+                  if r.sender == shard.rank]
+        for p, slots in enumerate(stream.slots):
+            if not routes:
+                continue
+            data = kv.read(layer, slots)
+            for route in routes:
+                buffer = data[:, :, route.local(held)].contiguous()
+                posted.append((s, p, buffer, dist.isend(buffer, stream.dest + route.receiver)))
+    return posted
+
+
+def post_receives(source: int, announce: KVAnnounce, device,
+                  shard: TensorShard = WHOLE) -> tuple[list, list]:
+    """This rank's receive buffers per piece and layer (one per route, tiling its KV heads in
+    order) and the works, posted layer-major like the sending ranks' sends. `source` is the
+    sending engine's lead rank."""
     dtype = getattr(torch, announce.dtype)
-    buffers = [[torch.empty(announce.layer_shape(piece), dtype=dtype, device=device)
-                for _ in range(announce.num_layers)] for piece in announce.pieces]
-    works = [dist.irecv(buffers[i][layer], source)
-             for layer in range(announce.num_layers) for i in range(len(announce.pieces))]
+    num_kv_heads, dim = announce.token_shape
+    routes = [r for r in kv_routes(num_kv_heads, announce.source_tp, shard.size)
+              if r.receiver == shard.rank]
+
+    def buffer(piece, route):
+        return torch.empty((2, piece.end - piece.begin, route.heads[1] - route.heads[0], dim),
+                           dtype=dtype, device=device)
+    buffers = [[[buffer(piece, route) for route in routes] for _ in range(announce.num_layers)]
+               for piece in announce.pieces]
+    works = [dist.irecv(buffers[i][layer][k], source + route.sender)
+             for layer in range(announce.num_layers) for i in range(len(announce.pieces))
+             for k, route in enumerate(routes)]
     return buffers, works
 
 
-def nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def joined(route_buffers: list[torch.Tensor]) -> torch.Tensor:
+    """One piece's layer as this rank holds it: its routes' heads side by side."""
+    return route_buffers[0] if len(route_buffers) == 1 else torch.cat(route_buffers, dim=2)
+

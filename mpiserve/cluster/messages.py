@@ -115,12 +115,10 @@ class KVAnnounce:
     each piece streams while the sender computes the next.
     """
     pieces: tuple[KVPiece, ...]
-    token_shape: tuple[int, ...]        # [kv_heads, head_dim]: a piece's layer is [2, n, *this]
+    token_shape: tuple[int, ...]        # [kv_heads, head_dim] of the whole model
     dtype: str
     num_layers: int
-
-    def layer_shape(self, piece: KVPiece) -> tuple[int, ...]:
-        return (2, piece.end - piece.begin, *self.token_shape)
+    source_tp: int = 1                  # ranks of the sending engine (see kv_routes)
 
 
 @dataclass(frozen=True)

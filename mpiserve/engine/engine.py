@@ -25,6 +25,9 @@ from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .stopping import finish_reason
 
+# Called with a step's chunks before its forward pass; may return a callback run after each
+# layer, whose `streams` attribute (if any) tells a tensor-parallel group's other ranks what
+# KV to stream out alongside (kv_transfer.KVStream).
 LayerHookFactory = Callable[[list[Chunk]], Callable[[int], None] | None]
 
 
@@ -44,8 +47,8 @@ def pick_device(name: str) -> torch.device:
 
 class Engine:
     """One engine. In a tensor-parallel group, every rank builds one with its `tp` shard; the
-    lead schedules and samples, and hands each step's batch to `plans.publish`; the other
-    ranks run `follow(plans)`, the same forward passes on their shards."""
+    lead schedules and samples, and hands each step's batch to `plans.publish_step`; the
+    other ranks run the same forward passes on their shards (cluster.tp_follower)."""
 
     def __init__(self, config: EngineConfig | None = None, tp: TensorParallel | None = None,
                  plans=None):
@@ -169,9 +172,9 @@ class Engine:
         if not chunks:
             return []
         batch = build_forward_batch(chunks, self.kv, self.device)
-        if self.plans is not None:
-            self.plans.publish(batch)
         after_layer = layer_hook(chunks) if layer_hook is not None else None
+        if self.plans is not None:
+            self.plans.publish_step(batch, getattr(after_layer, "streams", ()))
         logits = self.model.forward(batch, self.kv.layers, after_layer)
         events, row = [], 0
         for chunk in chunks:
@@ -189,15 +192,6 @@ class Engine:
     def tp_size(self) -> int:
         """Ranks this engine's model is split over (tensor parallelism)."""
         return self.model.tp.size
-
-    def follow(self, plans) -> int:
-        """A follower rank of a tensor-parallel group: run the lead's forward passes until it
-        publishes None; returns the number of steps run."""
-        steps = 0
-        while (batch := plans.next()) is not None:
-            self.model.forward(batch.to(self.device), self.kv.layers)
-            steps += 1
-        return steps
 
     def _count(self, chunk: Chunk) -> None:
         kind = "decode" if chunk.start >= len(chunk.seq.prompt) else "prefill"

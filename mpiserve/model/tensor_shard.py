@@ -52,10 +52,13 @@ class TensorShard:
         return self.rank * per, (self.rank + 1) * per
 
     def kv_heads(self, config: ModelConfig) -> Range:
-        if self.size <= config.num_kv_heads:
-            per = config.num_kv_heads // self.size
+        return self.kv_head_range(config.num_kv_heads)
+
+    def kv_head_range(self, num_kv_heads: int) -> Range:
+        if self.size <= num_kv_heads:
+            per = num_kv_heads // self.size
             return self.rank * per, (self.rank + 1) * per
-        head = self.rank // (self.size // config.num_kv_heads)
+        head = self.rank // (self.size // num_kv_heads)
         return head, head + 1
 
     def inner(self, config: ModelConfig) -> Range:
