@@ -103,6 +103,13 @@ def test_engine_rates_come_from_the_engines_clock(snapshots):
     assert (three.rank, three.role, three.host) == (3, "decode", "")   # not heard from yet
 
 
+def test_a_tensor_parallel_engine_shows_its_size_in_the_role():
+    collector = Collector(INFO)
+    stats = {1: engine_stats("prefill", 100.0, tp=2), 2: engine_stats("decode", 100.0, tp=1)}
+    snap = collector.collect(stats, tally_at(0), Counter(), 0, now=1.0)
+    assert [e.role for e in snap.engines] == ["prefill TP2", "decode", "decode"]
+
+
 def test_rates_hold_until_an_engine_reports_again(snapshots):
     collector, _, snap = snapshots
     again = collector.collect(second_stats(), tally_at(500), {}, 1, now=13.0)

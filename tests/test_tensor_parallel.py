@@ -10,6 +10,7 @@ import pytest
 from batch_jobs import MPIEXEC, job_env
 from test_engine_vs_transformers import prompts_for, reference
 
+from mpiserve.cluster.kv_routes import kv_routes
 from mpiserve.model.model_config import ModelConfig
 from mpiserve.model.tensor_shard import TensorShard
 
@@ -82,3 +83,21 @@ def test_shard_ranges_cover_each_tensor_once():
             assert k0 <= h0 // 4 and (h1 - 1) // 4 < k1
     assert TensorShard(3, 0).problem(config) == ("8 attention heads do not divide by "
                                                  "tensor-parallel size 3")
+
+
+@pytest.mark.parametrize("senders,receivers", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 2), (2, 4),
+                                               (8, 4), (1, 8)])
+def test_kv_routes_give_each_receiving_rank_its_heads_once(senders, receivers):
+    """Pure bookkeeping: with 4 KV heads, every receiving rank gets exactly the heads it holds,
+    each from one sending rank that holds it, and no pair exchanges two ranges."""
+    heads = 4
+    routes = kv_routes(heads, senders, receivers)
+    assert len({(r.sender, r.receiver) for r in routes}) == len(routes)
+    for receiver in range(receivers):
+        got = sorted(r.heads for r in routes if r.receiver == receiver)
+        want = TensorShard(receivers, receiver).kv_head_range(heads)
+        assert got[0][0] == want[0] and got[-1][1] == want[1]
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        for route in routes:
+            held = TensorShard(senders, route.sender).kv_head_range(heads)
+            assert held[0] <= route.heads[0] < route.heads[1] <= held[1]
