@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
 import platform
 import random
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,11 +54,8 @@ TIMEOUT_S = 120.0
 
 # ---- launching ---------------------------------------------------------------------------------
 def launch(argv: list[str]) -> int:
-    from .serving import find_mpiexec
-    command = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpiserve.bench.kv_path",
-               "--worker", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env).returncode
+    from .serving import run_workers
+    return run_workers("mpiserve.bench.kv_path", 3, argv)
 
 
 def model_dir(args) -> str:

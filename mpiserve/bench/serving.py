@@ -99,6 +99,14 @@ def find_mpiexec() -> str:
     return found
 
 
+def run_workers(module: str, ranks: int, argv: list[str]) -> int:
+    """A benchmark module run again as `mpiexec -n ranks python -m module --worker ARGV`, one
+    torch thread per rank; returns the launcher's exit code."""
+    command = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", module, "--worker",
+               *argv]
+    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+
+
 def mpiserve_command() -> list[str]:
     beside = Path(sys.executable).parent / "mpiserve"
     return [str(beside)] if beside.exists() else [sys.executable, "-m", "mpiserve.cli"]

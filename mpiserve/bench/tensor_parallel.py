@@ -11,9 +11,7 @@ tokens of both engines agreed.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,10 +23,8 @@ QUICK = {"sequences": 4, "prompt": 32, "steps": 4}
 
 
 def launch(argv: list[str]) -> int:
-    from .serving import find_mpiexec
-    command = [find_mpiexec(), "-n", "2", sys.executable, "-m", "mpiserve.bench.tensor_parallel",
-               "--worker", *argv]
-    return subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    from .serving import run_workers
+    return run_workers("mpiserve.bench.tensor_parallel", 2, argv)
 
 
 def model_dir(args) -> str:

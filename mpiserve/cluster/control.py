@@ -11,13 +11,14 @@ class ControlChannel:
     """Sends with `isend` and keeps each request until it completes; receives by draining
     matched probes, so one call never blocks."""
 
-    def __init__(self, comm):
+    def __init__(self, comm, tag: int = CONTROL_TAG):
         self.comm = comm
+        self.tag = tag                    # messages of another tag are another channel's
         self.rank = comm.Get_rank()
         self._in_flight = []
 
     def send(self, dest: int, message) -> None:
-        self._in_flight.append(self.comm.isend(message, dest=dest, tag=CONTROL_TAG))
+        self._in_flight.append(self.comm.isend(message, dest=dest, tag=self.tag))
         if len(self._in_flight) > 64:
             self._reap()
 
@@ -31,7 +32,7 @@ class ControlChannel:
         got = []
         status = MPI.Status()
         while True:
-            handle = self.comm.improbe(source=MPI.ANY_SOURCE, tag=CONTROL_TAG, status=status)
+            handle = self.comm.improbe(source=MPI.ANY_SOURCE, tag=self.tag, status=status)
             if handle is None:
                 return got
             got.append((status.Get_source(), handle.recv()))

@@ -7,9 +7,10 @@ receive with a `Landed` (its error, if any), which the lead waits for before it 
 
 from __future__ import annotations
 
-import time
+from collections import deque
 from dataclasses import dataclass
 
+from .control import ControlChannel
 from .messages import KVAnnounce
 
 PLAN_TAG, LANDED_TAG = 7302, 7303
@@ -44,7 +45,9 @@ class Landed:
 class StepPlans:
     def __init__(self, comm):
         self.comm = comm
-        self._in_flight = []
+        self._plans = ControlChannel(comm, PLAN_TAG)          # lead -> followers
+        self._answers = ControlChannel(comm, LANDED_TAG)      # followers -> lead
+        self._arrived: deque = deque()                        # follower: plans not yet taken
 
     @property
     def is_lead(self) -> bool:
@@ -57,38 +60,25 @@ class StepPlans:
     # ---- lead ------------------------------------------------------------------------------
     def publish(self, plan) -> None:
         """Send a plan (tensors on the CPU; None: stop following) to every follower."""
-        self._reap()
-        for rank in self.followers:
-            self._in_flight.append(self.comm.isend(plan, dest=rank, tag=PLAN_TAG))
+        self._plans.broadcast(self.followers, plan)
 
     def publish_step(self, batch, streams=()) -> None:
         self.publish(StepPlan(batch.to("cpu"), tuple(s.to("cpu") for s in streams)))
 
     def landed(self) -> list[Landed]:
         """Every follower's answer that has arrived."""
-        got = []
-        while self.comm.iprobe(tag=LANDED_TAG):
-            got.append(self.comm.recv(tag=LANDED_TAG))
-        return got
+        return [answer for _, answer in self._answers.receive_all()]
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait (bounded) until every plan sent has left; True if they all did."""
-        deadline = time.monotonic() + timeout_s
-        while self._in_flight and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.001)
-        return not self._in_flight
-
-    def _reap(self) -> None:
-        self._in_flight = [req for req in self._in_flight if not req.Test()]
+        """Wait (bounded) until every plan or answer sent has left; True if they all did."""
+        return self._plans.flush(timeout_s) and self._answers.flush(timeout_s)
 
     # ---- follower ----------------------------------------------------------------------------
     def poll(self) -> tuple[bool, object]:
         """(True, the lead's next plan) if one has arrived, else (False, None)."""
-        if not self.comm.iprobe(source=LEAD, tag=PLAN_TAG):
-            return False, None
-        return True, self.comm.recv(source=LEAD, tag=PLAN_TAG)
+        if not self._arrived:
+            self._arrived.extend(plan for _, plan in self._plans.receive_all())
+        return (True, self._arrived.popleft()) if self._arrived else (False, None)
 
     def answer(self, key: int, error: str | None) -> None:
-        self._reap()
-        self._in_flight.append(self.comm.isend(Landed(key, error), dest=LEAD, tag=LANDED_TAG))
+        self._answers.send(LEAD, Landed(key, error))
