@@ -130,7 +130,8 @@ def main(argv=None) -> int:
             return run_job(JobOptions(
                 input=args.input, output=args.output, router=args.router,
                 router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,
-                prefill_tp=args.prefill_tp or args.tp, decode_tp=args.decode_tp or args.tp,
+                prefill_tp=args.tp if args.prefill_tp is None else args.prefill_tp,
+                decode_tp=args.tp if args.decode_tp is None else args.decode_tp,
                 max_inflight=args.max_inflight, drain_timeout_s=args.drain_timeout,
                 record_itl=args.record_itl,
                 dashboard=args.dashboard, run_dir=args.run_dir,

@@ -71,3 +71,10 @@ def test_heads_that_do_not_split_are_refused_before_loading(tmp_path):
     assert result.returncode == 2, describe(result)
     assert "cannot be split over 3 ranks: 8 attention heads do not divide by " \
            "tensor-parallel size 3" in result.stderr, describe(result)
+
+
+@pytest.mark.parametrize("option", ["--tp", "--decode-tp"])
+def test_a_size_below_one_is_refused_naming_it(option):
+    from mpiserve.cluster.layout import JobLayout
+    layout = JobLayout.infer(3, None, None, *((0, 0) if option == "--tp" else (1, 0)))
+    assert "tensor-parallel sizes must be >= 1" in layout.problem()

@@ -34,6 +34,8 @@ class JobLayout:
         """Fill in whichever of --prefill/--decode is missing from the world size (both
         missing: as many prefill as decode engines, one more decode engine if odd)."""
         ranks = world_size - 1
+        if prefill_tp < 1 or decode_tp < 1:          # refused by problem(), named there
+            return cls(world_size, prefill or 0, decode or 0, prefill_tp, decode_tp)
         if prefill is None and decode is None:
             if prefill_tp == decode_tp:
                 engines = ranks // prefill_tp
