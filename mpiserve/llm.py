@@ -9,19 +9,48 @@ from dataclasses import dataclass, field
 from .engine.engine import Engine
 from .engine.engine_config import EngineConfig
 from .engine.sampling_params import SamplingParams
-from .engine.sequence import Sequence
+from .engine.sequence import Sequence, all_samples_finished
 from .engine.stopping import visible_text
+from .engine.token_logprobs import TokenLogprob
 from .errors import MpiserveError
 
 
 @dataclass
+class SampleOutput:
+    """One of a request's n samples. `logprobs` (when asked): one per token of `token_ids`."""
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
 class RequestOutput:
+    """A prompt's answer: `samples` (n of them, in order), whose first one the `token_ids`,
+    `text`, `finish_reason` and `logprobs` properties read. `prompt_logprobs` (when asked)
+    scores prompt tokens 1.. (token 0 has nothing before it)."""
     index: int
     prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+    samples: list[SampleOutput] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
     error: str | None = None           # set instead of an output when the request was refused
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.samples[0].token_ids if self.samples else []
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text if self.samples else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.samples[0].finish_reason if self.samples else None
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.samples[0].logprobs if self.samples else None
 
 
 class LLM:
@@ -68,7 +97,7 @@ class LLM:
             out, seq = self._submit(index, prompt, p)
             outputs.append(out)
             if seq is not None:
-                running[id(seq)] = (seq, out)
+                running[index] = (seq, out)
         self._run(running, progress)
         return outputs
 
@@ -88,19 +117,27 @@ class LLM:
             return RequestOutput(index, [], error=f"prompt {index}: {exc}"), None
 
     def _run(self, running: dict, progress: bool | None) -> None:
+        """running: prompt index -> (its sample 0, its output); an output is filled once every
+        sample of its request has finished."""
         show = sys.stdout.isatty() if progress is None else progress
         with _progress_bar(show, len(running)) as advance:
             while self.engine.has_work:
                 for event in self.engine.step():
-                    if event.finished:
-                        seq, out = running.pop(id(event.seq))
-                        self._fill(out, seq)
+                    entry = running.get(event.seq.seq_id) if event.finished else None
+                    if entry is not None and all_samples_finished(entry[0]):
+                        del running[event.seq.seq_id]
+                        self._fill(entry[1], entry[0])
                         advance()
 
     def _fill(self, out: RequestOutput, seq: Sequence) -> None:
-        out.token_ids = list(seq.output)
-        out.finish_reason = seq.finish_reason
-        out.text = visible_text(self.tokenizer.decode(seq.output), seq.params.stop)
+        out.samples = [self._sample_output(s) for s in [seq, *seq.forks]]
+        if seq.params.prompt_logprobs is not None:
+            out.prompt_logprobs = list(seq.prompt_logprobs)
+
+    def _sample_output(self, seq: Sequence) -> SampleOutput:
+        text = visible_text(self.tokenizer.decode(seq.output), seq.params.stop)
+        logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None
+        return SampleOutput(seq.sample_index, list(seq.output), text, seq.finish_reason, logprobs)
 
 
 class _progress_bar:

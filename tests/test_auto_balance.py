@@ -78,7 +78,7 @@ class FakeDispatcher:
         queue = asyncio.Queue()
         for i in range(request.params.max_tokens):
             last = i == request.params.max_tokens - 1
-            queue.put_nowait(TokenUpdate(0, [7], "length" if last else None))
+            queue.put_nowait(TokenUpdate(0, [7], "length" if last else None, done=last))
         return queue
 
 

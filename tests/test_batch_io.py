@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mpiserve.batch.choices import Choice
 from mpiserve.batch.input_file import URL_KINDS, BatchInputError, BatchItem, read_batch
 from mpiserve.batch.output_file import (
     BatchOutput,
@@ -101,16 +102,23 @@ BAD_LINES = [
     (request(stop=["ok", 3]), ["body.stop must be a string or a list of strings"]),
     (request(stop=""), ["body.stop", "must be non-empty strings"]),
     (request(ignore_eos=1), ["body.ignore_eos must be true or false"]),
-    (request(n=2), ["body.n must be 1"]),
-    (request(logprobs=2), ["body.logprobs is not supported", "2"]),
-    (request(logprobs=0), ["body.logprobs is not supported", "0"]),
-    (request(url="/v1/chat/completions", logprobs=True, top_logprobs=3),
-     ["body.logprobs is not supported", "true"]),
-    (request(echo=True), ["body.echo is not supported"]),
-    (request(presence_penalty=0.5), ["body.presence_penalty is not supported", "0.5"]),
-    (request(repetition_penalty=1.2), ["body.repetition_penalty is not supported"]),
-    (request(logit_bias={"5": 100}), ["body.logit_bias is not supported", "an object"]),
+    (request(n=0), ["body.n=0 must be in [1, 128]"]),
+    (request(n=2, best_of=3), ["body.best_of is not supported", "3", "(or n)"]),
+    (request(logprobs=21), ["body.logprobs must be an integer in [0, 20]", "21"]),
+    (request(logprobs=True), ["body.logprobs must be an integer in [0, 20]", "true"]),
+    (request(url="/v1/chat/completions", logprobs=3), ["body.logprobs must be true or false"]),
+    (request(url="/v1/chat/completions", top_logprobs=3), ["body.top_logprobs needs",
+                                                           "body.logprobs set to true"]),
+    (request(url="/v1/chat/completions", echo=True), ["body.echo is for /v1/completions"]),
+    (request(echo="yes"), ["body.echo must be true or false"]),
+    (request(presence_penalty=2.5), ["body.presence_penalty=2.5 must be in [-2, 2]"]),
+    (request(repetition_penalty=0), ["body.repetition_penalty=0 must be > 0"]),
+    (request(logit_bias={"five": 100}), ["body.logit_bias must be an object of token ids"]),
+    (request(logit_bias={"5": 101}), ["body.logit_bias", "[-100, 100]"]),
+    (request(min_tokens=40, max_tokens=8), ["body.min_tokens=40 must be in [0, max_tokens=8]"]),
+    (request(stop_token_ids=[1, "2"]), ["body.stop_token_ids must be a list of token ids"]),
     (request(stream=True), ["body.stream is not supported"]),
+    (request(suffix="end"), ["body.suffix is not supported"]),
     (request(url="/v1/chat/completions", max_completion_tokens=0),
      ["body.max_completion_tokens", "must be at least 1"]),
     (request(url="/v1/chat/completions", max_tokens=4, max_completion_tokens=4),
@@ -262,8 +270,8 @@ METRICS = {"ttft": 0.1, "tpot": 0.02, "jct": 0.3, "queue_time": 0.01, "prefix_ma
 
 
 def test_text_completion_record_shape():
-    record = completion_record(completion_item(), 17, (5, 6, 7), " a b c", "length", 3,
-                               METRICS, "tiny-llama")
+    record = completion_record(completion_item(), 17, [Choice([5, 6, 7], " a b c", "length")],
+                               3, METRICS, "tiny-llama")
     assert record["id"] == "batch_req_17" and record["custom_id"] == "req-4"
     assert record["error"] is None
     response = record["response"]
@@ -279,7 +287,8 @@ def test_text_completion_record_shape():
 
 
 def test_chat_completion_record_shape():
-    record = completion_record(completion_item("chat"), "q9", [8], "Yes", "stop", 12, {}, "m")
+    record = completion_record(completion_item("chat"), "q9", [Choice([8], "Yes", "stop")], 12,
+                               {}, "m")
     body = record["response"]["body"]
     assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-q9"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Yes"}
@@ -290,7 +299,7 @@ def test_chat_completion_record_shape():
 
 def test_completion_record_rejects_unknown_finish_reason():
     with pytest.raises(ValueError, match="finish_reason"):
-        completion_record(completion_item(), 1, [], "", "eos", 1, {}, "m")
+        completion_record(completion_item(), 1, [Choice([], "", "eos")], 1, {}, "m")
 
 
 def test_error_record_for_unreadable_line():
@@ -325,7 +334,8 @@ def test_output_records_are_lines_and_resume_reports_done(tmp_path):
     bad = BatchItem(line_no=2, error="batch.jsonl line 2: invalid JSON")
     with BatchOutput(out, fsync=True) as output:
         assert output.done_ids == set() and output.done_lines == set()
-        output.write(completion_record(completion_item(), 1, [3], "x", "stop", 1, {}, "m"))
+        output.write(completion_record(completion_item(), 1, [Choice([3], "x", "stop")], 1, {},
+                                       "m"))
         output.write(error_record(bad, bad.error))
         output.write(error_record("req-9", "boom", code="server_error"))
     lines = out.read_bytes().splitlines(keepends=True)

@@ -1,5 +1,6 @@
 """A tensor-parallel engine (`LLM(tensor_parallel_size=N)` under a real `mpiexec -n N`, gloo):
-the greedy tokens of 2 and 4 ranks equal transformers' and one rank's, on every rank."""
+the greedy tokens of 2 and 4 ranks equal transformers' and one rank's, on every rank, and so
+do n greedy samples and the log probabilities of prompt and output."""
 
 import json
 import subprocess
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from batch_jobs import MPIEXEC, job_env
 from test_engine_vs_transformers import prompts_for, reference
 
@@ -45,8 +48,21 @@ def test_tensor_parallel_greedy_matches_transformers(tiny_hf_model, tmp_path, ar
     expected = reference(model_dir, prompts, MAX_TOKENS)
     for rank, result in enumerate(results):
         assert result["tokens"] == expected, f"rank {rank}"
+        assert result["samples"] == [[tokens, tokens] for tokens in expected], f"rank {rank}"
+    assert_scored_like_transformers(model_dir, prompts, expected, results[0]["logprobs"])
     config = ModelConfig.from_dir(model_dir)
     assert [r["kv_heads"] for r in results] == [max(1, config.num_kv_heads // ranks)] * ranks
+
+
+def assert_scored_like_transformers(model_dir, prompts, outputs, logprobs):
+    """Prompt tokens 1.. then the generated ones, against transformers' log-softmax."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for prompt, output, scored in zip(prompts, outputs, logprobs):
+        tokens = prompt + output
+        with torch.inference_mode():
+            rows = torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), dim=-1)
+        want = rows[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])].tolist()
+        assert scored == pytest.approx(want, abs=1e-4)
 
 
 def test_weights_split_over_ranks(tiny_hf_model, tmp_path):

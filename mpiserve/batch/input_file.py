@@ -12,12 +12,17 @@ A line looks like::
 The body follows OpenAI: `prompt` (a string or a list of token ids) for
 `/v1/completions`, `messages` (roles system, user, assistant; content a string or a list
 of text parts) for `/v1/chat/completions`, and the sampling fields `max_tokens`,
-`temperature`, `top_p`, `seed`, `stop`, plus the extensions `top_k` and `ignore_eos`.
-Chat bodies may give `max_completion_tokens` instead of `max_tokens`. A field set to null
-takes its default. `max_tokens` defaults to 16 for completions (as OpenAI) and to 256 for
-chat (OpenAI's "until the context is full" is rarely what a batch job wants); temperature
-defaults to 1.0. Other body fields (`model`, `user`, ...) are ignored, except that `n`
-must be 1.
+`temperature`, `top_p`, `seed`, `stop`, `n`, `presence_penalty`, `frequency_penalty`,
+`logit_bias`, plus the extensions `top_k`, `ignore_eos`, `repetition_penalty`, `min_tokens`
+and `stop_token_ids`. Scoring: a completion's `logprobs` (alternatives per token, 0-20) and
+`echo` (the prompt comes back before the completion, scored too when `logprobs` is given;
+`max_tokens` 0 then returns the prompt alone); a chat's `logprobs` (true/false) and
+`top_logprobs` (0-20). Chat bodies may give `max_completion_tokens` instead of `max_tokens`.
+A field set to null takes its default. `max_tokens` defaults to 16 for completions (as
+OpenAI) and to 256 for chat (OpenAI's "until the context is full" is rarely what a batch job
+wants); temperature defaults to 1.0. OpenAI fields that mpiserve does not implement
+(`suffix`, `tools`, `response_format`, `stream`, `best_of` other than n) are refused by name
+unless they hold their default; other body fields (`model`, `user`, ...) are ignored.
 
 A line may also carry the top-level extension `arrival_s`: the request arrives that many
 seconds (a number >= 0) after the job's clock starts (when every engine has loaded), and is
@@ -36,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from ..errors import InvalidRequestError, MpiserveError
 
 URL_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -68,6 +73,8 @@ class BatchItem:
     messages: list[dict] | None = None
     params: SamplingParams | None = None
     arrival_s: float | None = None
+    echo: bool = False                 # a completion returns its prompt before its text
+    echo_only: bool = False            # ... and nothing else (max_tokens 0)
     error: str | None = None
     duplicate_of: int | None = None
 
@@ -177,13 +184,48 @@ def _body(request: dict, kind: str) -> dict:
     body = _required(request, "body")
     if not isinstance(body, dict):
         raise _LineError(f"body must be a JSON object (got {_show(body)})")
-    n = body.get("n")
-    if n is not None and not (_is_int(n) and n == 1):
-        raise _LineError(f"body.n must be 1 (got {_show(n)}); ask for more samples with more lines")
     _refuse_unimplemented(body)
     if kind == "chat":
-        return {"messages": _messages(body), "params": _params(body, kind)}
-    return {"prompt": _prompt(body), "params": _params(body, kind)}
+        fields, scoring = {"messages": _messages(body)}, _chat_scoring(body)
+    else:
+        fields = {"prompt": _prompt(body), "echo": _flag(body, "echo")}
+        scoring = _completion_scoring(body, fields["echo"])
+    fields["echo_only"] = fields.get("echo", False) and body.get("max_tokens") == 0
+    fields["params"] = _params(body, kind, scoring, fields["echo_only"])
+    return fields
+
+
+def _chat_scoring(body: dict) -> dict:
+    """SamplingParams fields of a chat's `logprobs` (true/false) and `top_logprobs`."""
+    if body.get("echo") not in (None, False):
+        raise _LineError("body.echo is for /v1/completions; a chat completion returns only "
+                         "the new message")
+    wanted = _flag(body, "logprobs")
+    top = _count(body, "top_logprobs", MAX_LOGPROBS)
+    if top is not None and not wanted:
+        raise _LineError("body.top_logprobs needs body.logprobs set to true")
+    return {"logprobs": (top or 0) if wanted else None}
+
+
+def _completion_scoring(body: dict, echo: bool) -> dict:
+    """SamplingParams fields of a completion's `logprobs` (alternatives per token) and
+    `echo` (the prompt is scored too when both are given)."""
+    logprobs = _count(body, "logprobs", MAX_LOGPROBS)
+    return {"logprobs": logprobs, "prompt_logprobs": logprobs if echo else None}
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise _LineError(f"body.{name} must be true or false (got {_show(value)})")
+    return bool(value)
+
+
+def _count(body: dict, name: str, most: int) -> int | None:
+    value = body.get(name)
+    if value is not None and not (_is_int(value) and 0 <= value <= most):
+        raise _LineError(f"body.{name} must be an integer in [0, {most}] (got {_show(value)})")
+    return value
 
 
 def _prompt(body: dict) -> str | list[int]:
@@ -244,6 +286,11 @@ def _is_stop(value) -> bool:
         isinstance(value, list) and all(isinstance(s, str) for s in value))
 
 
+def _is_bias(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and k.isdecimal() and _is_number(v) for k, v in value.items())
+
+
 # SamplingParams field: (what the body must hold, check)
 _SAMPLING_FIELDS = {
     "max_tokens": ("an integer", _is_int),
@@ -253,6 +300,14 @@ _SAMPLING_FIELDS = {
     "seed": ("an integer", _is_int),
     "stop": ("a string or a list of strings", _is_stop),
     "ignore_eos": ("true or false", lambda value: isinstance(value, bool)),
+    "n": ("an integer", _is_int),
+    "presence_penalty": ("a finite number", _is_number),
+    "frequency_penalty": ("a finite number", _is_number),
+    "repetition_penalty": ("a finite number", _is_number),
+    "min_tokens": ("an integer", _is_int),
+    "logit_bias": ('an object of token ids to numbers, e.g. {"50256": -100}', _is_bias),
+    "stop_token_ids": ("a list of token ids",
+                       lambda value: isinstance(value, list) and all(map(_is_int, value))),
 }
 
 
@@ -263,31 +318,32 @@ def _is_off(*defaults):
         (value == default and not isinstance(value, bool)) for default in defaults)
 
 
-# OpenAI fields that change the answer and that the engine does not implement yet: a request
+# OpenAI fields that change the answer and that the engine does not implement: a request
 # asking for anything but their default is refused by name, never answered as if it had not
 _UNIMPLEMENTED_FIELDS = {
-    "logprobs": _is_off(False), "top_logprobs": _is_off(0), "echo": _is_off(False),
-    "best_of": _is_off(1), "presence_penalty": _is_off(0), "frequency_penalty": _is_off(0),
-    "repetition_penalty": _is_off(1), "min_tokens": _is_off(0), "logit_bias": _is_off({}),
-    "stop_token_ids": _is_off([]), "suffix": _is_off(""), "tools": _is_off([]),
-    "response_format": _is_off({"type": "text"}), "stream": _is_off(False),
+    "suffix": _is_off(""), "tools": _is_off([]), "response_format": _is_off({"type": "text"}),
+    "stream": _is_off(False),
 }
 
 
 def _refuse_unimplemented(body: dict) -> None:
-    for name, is_off in _UNIMPLEMENTED_FIELDS.items():
+    fields = {**_UNIMPLEMENTED_FIELDS, "best_of": _is_off(1, body.get("n") or 1)}
+    for name, is_off in fields.items():
         if not is_off(body.get(name)):
-            raise _LineError(f"body.{name} is not supported by mpiserve yet "
-                             f"(got {_show(body[name])}); leave it out or give its default")
+            raise _LineError(f"body.{name} is not supported by mpiserve "
+                             f"(got {_show(body[name])}); leave it out or give its default"
+                             + (" (or n)" if name == "best_of" else ""))
 
 
-def _params(body: dict, kind: str) -> SamplingParams:
+def _params(body: dict, kind: str, scoring: dict, echo_only: bool) -> SamplingParams:
+    """With `echo_only` (max_tokens 0 and echo), the engine samples one token, which the
+    record leaves out: the prompt's last logits come with its prefill anyway."""
     keys = {name: name for name in _SAMPLING_FIELDS}
     if kind == "chat" and body.get("max_completion_tokens") is not None:
         if body.get("max_tokens") is not None:
             raise _LineError("give body.max_tokens or body.max_completion_tokens, not both")
         keys["max_tokens"] = "max_completion_tokens"
-    values = {"max_tokens": DEFAULT_MAX_TOKENS[kind]}
+    values = {"max_tokens": DEFAULT_MAX_TOKENS[kind], **scoring}
     for name, (expected, ok) in _SAMPLING_FIELDS.items():
         value = body.get(keys[name])
         if value is None:
@@ -295,10 +351,15 @@ def _params(body: dict, kind: str) -> SamplingParams:
         if not ok(value):
             raise _LineError(f"body.{keys[name]} must be {expected} (got {_show(value)})")
         values[name] = value
+    if echo_only:
+        values["max_tokens"] = 1
+    if "logit_bias" in values:
+        values["logit_bias"] = {int(token): bias for token, bias in values["logit_bias"].items()}
     try:
         return SamplingParams(**values)
     except InvalidRequestError as err:
-        message = re.sub(r"^SamplingParams\.(\w+)", lambda m: f"body.{keys[m[1]]}", str(err))
+        message = re.sub(r"^SamplingParams\.(\w+)",
+                         lambda m: f"body.{keys.get(m[1], m[1])}", str(err))
         raise _LineError(message) from None
 
 

@@ -1,8 +1,8 @@
 """Results written to an OpenAI Batch API output file (JSONL), one record per input line.
 
-Records follow OpenAI's batch output format. Extensions: a completion's
-`choices[0].token_ids` (the generated token ids) and its `metrics`; an error record's
-`error.line` (the input line it answers).
+Records follow OpenAI's batch output format. Extensions: each choice's `token_ids` (the
+generated token ids), a completion's `metrics`; an error record's `error.line` (the input
+line it answers).
 
 `BatchOutput` appends records one whole line at a time, so a run killed at any point
 leaves at most a torn last line, which the next run cuts off before it resumes. A run
@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import MpiserveError
+from .choices import Choice
 from .input_file import BatchItem
 
 FINISH_REASONS = ("stop", "length")
@@ -38,28 +39,22 @@ class BatchOutputError(MpiserveError):
     """The output file is in use by another run, or cannot be appended to safely."""
 
 
-def completion_record(item: BatchItem, request_id, token_ids, text: str, finish_reason: str,
-                      prompt_tokens: int, metrics: dict, model: str) -> dict:
+def completion_record(item: BatchItem, request_id, choices: list[Choice], prompt_tokens: int,
+                      metrics: dict, model: str) -> dict:
     """The record of a request that ran to completion."""
-    if finish_reason not in FINISH_REASONS:
-        raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {finish_reason!r}")
-    if item.kind == "chat":
-        prefix, kind = "chatcmpl", "chat.completion"
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        prefix, kind = "cmpl", "text_completion"
-        choice = {"index": 0, "text": text}
-    choice.update(logprobs=None, finish_reason=finish_reason, token_ids=list(token_ids))
+    prefix, kind = ("chatcmpl", "chat.completion") if item.kind == "chat" else (
+        "cmpl", "text_completion")
+    generated = sum(len(choice.token_ids) for choice in choices)
     body = {
         "id": f"{prefix}-{request_id}",
         "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": [_choice(item, index, choice) for index, choice in enumerate(choices)],
         "usage": {
             "prompt_tokens": prompt_tokens,
-            "completion_tokens": len(choice["token_ids"]),
-            "total_tokens": prompt_tokens + len(choice["token_ids"]),
+            "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
         },
         "metrics": dict(metrics),
     }
@@ -69,6 +64,19 @@ def completion_record(item: BatchItem, request_id, token_ids, text: str, finish_
         "response": {"status_code": 200, "request_id": str(request_id), "body": body},
         "error": None,
     }
+
+
+def _choice(item: BatchItem, index: int, choice: Choice) -> dict:
+    if choice.finish_reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, "
+                         f"got {choice.finish_reason!r}")
+    if item.kind == "chat":
+        shown = {"index": index, "message": {"role": "assistant", "content": choice.text}}
+    else:
+        shown = {"index": index, "text": choice.text}
+    shown.update(logprobs=choice.logprobs, finish_reason=choice.finish_reason,
+                 token_ids=list(choice.token_ids))
+    return shown
 
 
 def error_record(item_or_custom_id: BatchItem | str | None, message: str,

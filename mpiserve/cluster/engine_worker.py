@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..engine.engine import Engine
-from ..engine.sequence import Sequence
+from ..engine.sequence import Sequence, all_samples_finished
 from ..errors import MpiserveError
 from .backoff import Backoff
 from .control import ControlChannel
@@ -377,29 +377,46 @@ class EngineWorker:
         if seq is not None:
             self.engine.abort(seq)
             self.counters["requests_aborted"] += 1
-            self._reply(TokenBatch([TokenUpdate(self.generating.pop(id(seq)), [], "abort")]))
+            self._reply(TokenBatch([TokenUpdate(self.generating.pop(id(seq)), [], "abort",
+                                                done=True)]))
         self._reply(Reply(call.call_id))
 
     def _step(self) -> None:
+        events = [e for e in self.engine.step(self._layer_hook) if not self._sent_off(e.seq)]
+        last = {event.seq.seq_id: i for i, event in enumerate(events)}
         updates = []
-        for event in self.engine.step(self._layer_hook):
+        for i, event in enumerate(events):
             seq = event.seq
-            if seq.prefill_only:
-                transfer = self.to_send.pop(id(seq))
-                transfer.start_waiting(self.options.transfer_timeout_s)
-                self.sending.append(transfer)
-                continue
-            call_id = self.generating[id(seq)]
-            info = None
-            if event.finished:
-                del self.generating[id(seq)]
-                self.generating_seqs.pop(seq.seq_id, None)
-                self.counters["requests_done"] += 1
-                info = {"prefix_matched": seq.prefix_matched, "fallback": seq.fallback,
-                        "preemptions": seq.num_preemptions}
-            updates.append(TokenUpdate(call_id, [event.token], seq.finish_reason, info))
+            first = self.generating_seqs[seq.seq_id]         # the request's sample 0
+            call_id = self.generating[id(first)]
+            done = last[seq.seq_id] == i and all_samples_finished(first)
+            info = self._finished(first) if done else None
+            logprobs = seq.logprobs[-1:] if seq.params.logprobs is not None else None
+            updates.append(TokenUpdate(call_id, [event.token], seq.finish_reason, info, done,
+                                       seq.sample_index, logprobs))
         if updates:
             self._reply(TokenBatch(updates))
+
+    def _sent_off(self, seq: Sequence) -> bool:
+        """A remote_send's prefill is done: its KV goes out (the transfer waits for the
+        receiver's answer)."""
+        if not seq.prefill_only:
+            return False
+        transfer = self.to_send.pop(id(seq))
+        transfer.start_waiting(self.options.transfer_timeout_s)
+        self.sending.append(transfer)
+        return True
+
+    def _finished(self, seq: Sequence) -> dict:
+        """Forget a request whose samples all finished; the info of its last update."""
+        del self.generating[id(seq)]
+        del self.generating_seqs[seq.seq_id]
+        self.counters["requests_done"] += 1
+        info = {"prefix_matched": seq.prefix_matched, "fallback": seq.fallback,
+                "preemptions": seq.num_preemptions}
+        if seq.params.prompt_logprobs is not None:
+            info["prompt_logprobs"] = seq.prompt_logprobs
+        return info
 
     # ---- stats and exit -----------------------------------------------------------------------
     def _report_stats(self) -> None:

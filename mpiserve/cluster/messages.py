@@ -61,10 +61,15 @@ class Reply:
 
 @dataclass(frozen=True)
 class TokenUpdate:
+    """New tokens of one of a start_generate call's samples (sample 0 unless n > 1);
+    `finish_reason` is set when that sample finished, `done` when the whole call did."""
     call_id: int
     tokens: list[int]
     finish_reason: str | None = None
     info: dict | None = None            # on the last update: prefix_matched, fallback, ...
+    done: bool = False
+    sample: int = 0
+    logprobs: list | None = None        # TokenLogprob per token, when the request asked
 
 
 @dataclass(frozen=True)

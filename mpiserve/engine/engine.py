@@ -16,14 +16,16 @@ from ..model.tensor_parallel import TensorParallel
 from ..model.tokenizer import Tokenizer
 from ..model.transformer import ForwardBatch, PrefillSpan, Transformer
 from .engine_config import EngineConfig
-from .forward_batch_builder import build_forward_batch, order_chunks
+from .forward_batch_builder import build_forward_batch, logit_positions, order_chunks
 from .kv_cache import KVCache, pages_for_budget
+from .logits_shaping import shaped_logits
 from .page_pool import PagePool
 from .sampler import new_generator, sample
 from .sampling_params import SamplingParams
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .stopping import finish_reason
+from .token_logprobs import token_logprob, token_logprobs
 
 # Called with a step's chunks before its forward pass; may return a callback run after each
 # layer, whose `streams` attribute (if any) tells a tensor-parallel group's other ranks what
@@ -111,6 +113,11 @@ class Engine:
                                       f"vocabulary of {vocab}")
 
     def abort(self, seq: Sequence) -> None:
+        """Stop a request: the sequence and the other samples forked from it."""
+        for each in [seq, *seq.forks]:
+            self._retire(each)
+
+    def _retire(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self._generators.pop(id(seq), None)
 
@@ -146,6 +153,9 @@ class Engine:
 
     def generate_reserved(self, seq: Sequence) -> None:
         """start_generate on a sequence that holds KV from prep_recv (and remote_send)."""
+        if seq.needs_prompt_logits:          # scored here: the received KV is recomputed
+            self.release(seq)
+            seq.num_computed = 0
         self.scheduler.add(seq)
         self._generators[id(seq)] = new_generator(seq.params)
 
@@ -178,11 +188,14 @@ class Engine:
         logits = self.model.forward(batch, self.kv.layers, after_layer)
         events, row = [], 0
         for chunk in chunks:
+            positions = logit_positions(chunk)
+            chunk_logits, row = logits[row:row + len(positions)], row + len(positions)
             self.scheduler.computed(chunk)
             self._count(chunk)
+            if chunk.seq.needs_prompt_logits:
+                _score_prompt(chunk.seq, positions, chunk_logits)
             if chunk.samples:
-                events.append(self._append_token(chunk.seq, logits[row]))
-                row += 1
+                events.extend(self._sample_next(chunk.seq, chunk_logits[-1]))
             elif chunk.seq.prefill_only and chunk.end == chunk.seq.num_tokens:
                 self.scheduler.finish(chunk.seq, release=False)     # pages go with the send
                 events.append(TokenEvent(chunk.seq, None, True))
@@ -197,8 +210,39 @@ class Engine:
         kind = "decode" if chunk.start >= len(chunk.seq.prompt) else "prefill"
         self.tokens_computed[kind] += chunk.length
 
+    def _sample_next(self, seq: Sequence, logits: torch.Tensor) -> list[TokenEvent]:
+        """The sequence's next token; after a request's first, its other n - 1 samples."""
+        forks = seq.params.n > 1 and seq.sample_index == 0 and not seq.output
+        samples = self._fork(seq) if forks else []        # before seq may finish and free
+        return [self._append_token(s, logits) for s in [seq, *samples]]
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """Samples 1..n-1 of a request whose prompt is computed: each holds the prompt's full
+        pages with it, samples its first token from the same logits, and then computes only
+        the prompt's last partial page, with that token, before decoding on its own."""
+        full = len(seq.page_hashes)
+        samples = []
+        for index in range(1, seq.params.n):
+            sample_seq = Sequence(seq.seq_id, seq.prompt, seq.params.for_sample(index),
+                                  sample_index=index)
+            sample_seq.page_ids, sample_seq.page_hashes = seq.page_ids[:full], list(
+                seq.page_hashes)
+            self.pool.acquire(sample_seq.page_ids)
+            sample_seq.num_computed = full * self.pool.page_size
+            sample_seq.prompt_logprobs = seq.prompt_logprobs
+            sample_seq.arrival_time = seq.arrival_time
+            self.scheduler.add(sample_seq, first=True)
+            self._generators[id(sample_seq)] = new_generator(sample_seq.params)
+            samples.append(sample_seq)
+        seq.forks = samples
+        return samples
+
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
-        token = sample(logits, seq.params, self._generators.get(id(seq)))
+        params = seq.params
+        token = sample(shaped_logits(logits, seq, self.eos_ids), params,
+                       self._generators.get(id(seq)))
+        if params.logprobs is not None:
+            seq.logprobs.append(token_logprob(logits, token, params.logprobs))
         seq.output.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -206,5 +250,16 @@ class Engine:
         seq.finish_reason = finish_reason(seq, self.eos_ids, self.max_model_len, text_of)
         if seq.finish_reason is not None:
             seq.finish_time = time.monotonic()
-            self.abort(seq)
+            self._retire(seq)
         return TokenEvent(seq, token, seq.finish_reason is not None)
+
+
+def _score_prompt(seq: Sequence, positions: list[int], logits: torch.Tensor) -> None:
+    """Log probabilities of the prompt tokens that follow `positions` (rows of `logits`), for
+    those not scored yet (a recomputed prompt is scored once)."""
+    last = len(seq.prompt) - 1
+    rows = [i for i, p in enumerate(positions) if len(seq.prompt_logprobs) <= p < last]
+    if rows:
+        followers = [seq.prompt[positions[i] + 1] for i in rows]
+        seq.prompt_logprobs.extend(
+            token_logprobs(logits[rows], followers, seq.params.prompt_logprobs))

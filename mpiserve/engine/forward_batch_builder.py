@@ -14,6 +14,18 @@ def order_chunks(chunks: list[Chunk]) -> list[Chunk]:
     return [c for c in chunks if c.length == 1] + [c for c in chunks if c.length > 1]
 
 
+def logit_positions(chunk: Chunk) -> list[int]:
+    """Positions of `chunk` whose next-token logits the step needs, in order: those that
+    score the prompt's next token (prompt log probabilities), then the one sampled from."""
+    seq = chunk.seq
+    positions = []
+    if seq.needs_prompt_logits:
+        positions.extend(range(chunk.start, min(chunk.end, len(seq.prompt) - 1)))
+    if chunk.samples:
+        positions.append(chunk.end - 1)
+    return positions
+
+
 def build_forward_batch(chunks: list[Chunk], kv: KVCache, device) -> ForwardBatch:
     """`chunks` must already be in `order_chunks` order."""
     decode = [c for c in chunks if c.length == 1]
@@ -29,9 +41,8 @@ def build_forward_batch(chunks: list[Chunk], kv: KVCache, device) -> ForwardBatc
             context_slots = kv.slots(seq.page_ids, 0, chunk.end)
             slots.append(context_slots[chunk.start:])
             prefills.append(PrefillSpan(row, chunk.length, context_slots))
+        logit_rows.extend(row + p - chunk.start for p in logit_positions(chunk))
         row += chunk.length
-        if chunk.samples:
-            logit_rows.append(row - 1)
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),

@@ -45,10 +45,14 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        """Queue a sequence, last (or `first`: the extra samples of a running request)."""
         self.check_fits(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def check_fits(self, seq: Sequence) -> None:
         """Refuse a sequence that could never fit the context or the page pool."""
@@ -126,7 +130,8 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> Chunk | None:
         matched_here = not seq.page_ids
         if matched_here:
-            pages, hashes = self.pool.match_prefix(seq.tokens, limit=seq.num_tokens - 1)
+            limit = 0 if seq.needs_prompt_logits else seq.num_tokens - 1
+            pages, hashes = self.pool.match_prefix(seq.tokens, limit=limit)
             self.pool.acquire(pages)
             seq.page_ids, seq.page_hashes = pages, hashes
             seq.num_computed = len(pages) * self.pool.page_size

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .token_logprobs import TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -22,8 +26,10 @@ class Sequence:
     """
 
     def __init__(self, seq_id, prompt: list[int], params: SamplingParams,
-                 prefill_only: bool = False):
+                 prefill_only: bool = False, sample_index: int = 0):
         self.seq_id = seq_id
+        self.sample_index = sample_index   # which of the request's n samples this is
+        self.forks: list[Sequence] = []    # on sample 0: the request's other samples
         self.prompt = list(prompt)
         self.output: list[int] = []
         self.params = params
@@ -36,6 +42,8 @@ class Sequence:
         self.num_preemptions = 0
         self.fallback = False              # KV expected from another engine was recomputed
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprob] = []          # one per output token, when asked
+        self.prompt_logprobs: list[TokenLogprob] = []   # prompt tokens 1.. (echo), when asked
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
@@ -57,6 +65,13 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt log probabilities are asked for and not all computed yet: until
+        then the prompt is computed here, never taken from the prefix cache."""
+        return (self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt) - 1)
+
+    @property
     def in_prefill(self) -> bool:
         """True while the step that computes this sequence's next tokens samples nothing."""
         return self.num_computed + 1 < self.num_tokens
@@ -70,3 +85,8 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id!r}, prompt={len(self.prompt)}, out={len(self.output)}, "
                 f"computed={self.num_computed}, {self.status.value})")
+
+
+def all_samples_finished(seq: Sequence) -> bool:
+    """Whether a request's sample 0 and every sample forked from it have finished."""
+    return seq.is_finished and all(fork.is_finished for fork in seq.forks)

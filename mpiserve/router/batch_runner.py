@@ -9,14 +9,15 @@ import traceback
 from dataclasses import dataclass, field
 from numbers import Integral
 
+from ..batch.choices import choices
 from ..batch.input_file import BatchItem
 from ..batch.output_file import BatchOutput, completion_record, error_record
 from ..cluster.messages import Request
-from ..engine.stopping import visible_text
 from ..errors import RouterMisuseError
 from ..model.tokenizer import Tokenizer
 from .cluster import Cluster
 from .dispatcher import EngineFailure
+from .request_trace import RequestTrace, SampleTrace
 
 
 @dataclass
@@ -264,11 +265,11 @@ class BatchRunner:
             await engine.abort(request)
 
     def _write_result(self, item, request, tokens, trace) -> None:
-        text = visible_text(self.tokenizer.decode(tokens), request.params.stop)
+        samples = _samples(request, tokens, trace)
+        made = choices(item, request.prompt, samples, trace.prompt_logprobs, self.tokenizer)
         metrics = trace.metrics(self.router_name, itl=self.record_itl)
-        self.output.write(completion_record(item, request.id, tokens, text,
-                                            trace.finish_reason or "length",
-                                            len(request.prompt), metrics, self.limits.name))
+        self.output.write(completion_record(item, request.id, made, len(request.prompt),
+                                            metrics, self.limits.name))
         self.tally.completed += 1
         self.tally.generated_tokens += len(tokens)
         self.tally.latencies.append(metrics)
@@ -277,3 +278,12 @@ class BatchRunner:
         self.output.write(error_record(item, message, code))
         self.tally.failed += 1
         self.tally.errors.append(message.splitlines()[0] if message else code)
+
+
+def _samples(request: Request, tokens: list[int], trace: RequestTrace) -> list[SampleTrace]:
+    """Each sample of a finished request. With one sample, its tokens are those the router
+    yielded; with n, the router's stream interleaves them and each comes from its own."""
+    if request.params.n > 1:
+        return [trace.samples[i] for i in range(request.params.n)]
+    first = trace.samples.get(0, SampleTrace())
+    return [SampleTrace(tokens, first.logprobs, trace.finish_reason or "length")]

@@ -131,7 +131,7 @@ class Dispatcher:
         if queue is None:
             return
         queue.put_nowait(update)
-        if update.finish_reason is not None:
+        if update.done:
             del self._streams[update.call_id]
 
     def _heard(self, beats: dict[int, int]) -> None:

@@ -113,7 +113,7 @@ class EngineHandle:
                     work = 0
                 self._record(trace, update)
                 yield update.tokens
-                if update.finish_reason is not None:
+                if update.done:
                     break
         finally:
             self._active -= 1
@@ -122,8 +122,11 @@ class EngineHandle:
 
     def _record(self, trace, update: TokenUpdate) -> None:
         trace.tokens_arrived(len(update.tokens))
-        if update.finish_reason is not None:
+        trace.sample_arrived(update.sample, update.tokens, update.logprobs,
+                             update.finish_reason)
+        if update.done:
             trace.finish_reason = update.finish_reason
             info = update.info or {}
             trace.prefix_matched = max(trace.prefix_matched, info.get("prefix_matched", 0))
             trace.fallbacks += bool(info.get("fallback"))
+            trace.prompt_logprobs = info.get("prompt_logprobs")

@@ -14,6 +14,15 @@ ITL_DIGITS = 4                               # inter-token latencies rounded to 
 
 
 @dataclass
+class SampleTrace:
+    """One of a request's n samples as it arrived: its tokens, their log probabilities (when
+    asked) and how it finished."""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
 class RequestTrace:
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None            # the router began working on it
@@ -28,6 +37,16 @@ class RequestTrace:
     prefix_matched: int = 0
     fallbacks: int = 0
     strategy: str | None = None
+    samples: dict[int, SampleTrace] = field(default_factory=dict)
+    prompt_logprobs: list | None = None
+
+    def sample_arrived(self, index: int, tokens: list[int], logprobs: list | None,
+                       finish_reason: str | None) -> None:
+        sample = self.samples.setdefault(index, SampleTrace())
+        sample.tokens.extend(tokens)
+        if logprobs is not None:
+            sample.logprobs = (sample.logprobs or []) + list(logprobs)
+        sample.finish_reason = finish_reason or sample.finish_reason
 
     def tokens_arrived(self, count: int, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
