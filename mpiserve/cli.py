@@ -68,45 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", required=True, help="OpenAI batch JSONL input")
     run.add_argument("--output", required=True, help="OpenAI batch JSONL output (appended; "
                      "records already there are skipped, so a re-run resumes)")
-    run.add_argument("--prefill", type=int, help="prefill engines (default: half the engines)")
-    run.add_argument("--decode", type=int, help="decode engines (default: the rest)")
-    run.add_argument("--tp", type=int, default=1,
-                     help="tensor-parallel size of every engine: ranks per engine (the world "
-                          "size is then 1 + P*prefill_tp + D*decode_tp)")
-    run.add_argument("--prefill-tp", type=int, help="tensor-parallel size of the prefill "
-                     "engines (default: --tp)")
-    run.add_argument("--decode-tp", type=int, help="tensor-parallel size of the decode engines "
-                     "(default: --tp)")
-    run.add_argument("--router", default="round_robin",
-                     help="round_robin, pd, balanced_pd, prefix_aware, adaptive, or "
-                          "path/to/file.py:function")
-    run.add_argument("--router-arg", action="append", type=_key_value, default=[],
-                     metavar="KEY=VALUE", help="option for the router (cluster.args)")
-    run.add_argument("--max-inflight", type=int, default=256,
-                     help="requests the router works on at once")
-    run.add_argument("--drain-timeout", type=float, default=60.0,
-                     help="after SIGTERM/SIGINT, seconds to let requests in flight finish")
-    run.add_argument("--transfer-timeout", type=float, default=60.0,
-                     help="seconds before a KV transfer is given up (the request recomputes)")
-    run.add_argument("--heartbeat-timeout", type=float, default=120.0,
-                     help="seconds of silence after which an engine rank counts as dead "
-                          "(the job then exits 1; requests in flight are left for the re-run)")
-    run.add_argument("--request-timeout", type=float, default=600.0,
-                     help="seconds a request's router may take; then the request is aborted "
-                          "on the engines and gets a request_timeout error record")
-    run.add_argument("--bind-interface", metavar="NAME",
-                     help="network interface whose address rank 0 offers the other ranks for "
-                          "the data plane (default: chosen from the subnet the nodes share; "
-                          "env MPISERVE_BIND_INTERFACE)")
-    run.add_argument("--dashboard", choices=["auto", "live", "plain", "off"], default="auto",
-                     help="live table on the terminal, a progress line every few seconds "
-                          "(plain), or nothing; auto: live on a terminal, else plain")
-    run.add_argument("--run-dir", help="where the run report goes: summary.json and plots "
-                     "(default: <output stem>.run/ beside the output file)")
+    _job_arguments(run)
     run.add_argument("--record-itl", action="store_true",
                      help="add each request's inter-token latencies (seconds) to its metrics")
-    run.add_argument("--fail-transfers", type=int, default=0, help=argparse.SUPPRESS)
-    _engine_arguments(run)
+    serve = sub.add_parser("serve", help="serve OpenAI-compatible HTTP (start with mpiexec "
+                           "-n 1+P+D)", formatter_class=_ShowDefaults,
+                           description="Rank 0 answers /v1/completions, /v1/chat/completions, "
+                           "/v1/models, /health and /metrics; the engines are as in `run`. "
+                           "SIGTERM stops accepting, lets requests in flight finish, exits 3.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free)")
+    serve.add_argument("--api-key",
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: env MPISERVE_API_KEY)")
+    _job_arguments(serve)
     from .bench.serving import add_arguments as bench_arguments
     bench = sub.add_parser("bench", help="serving benchmark: one workload under several "
                            "routers, each run a fresh mpiexec job",
@@ -116,6 +91,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _job_arguments(job: argparse.ArgumentParser) -> None:
+    """The layout, router, fault and engine options that `run` and `serve` share."""
+    job.add_argument("--prefill", type=int, help="prefill engines (default: half the engines)")
+    job.add_argument("--decode", type=int, help="decode engines (default: the rest)")
+    job.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel size of every engine: ranks per engine (the world "
+                          "size is then 1 + P*prefill_tp + D*decode_tp)")
+    job.add_argument("--prefill-tp", type=int, help="tensor-parallel size of the prefill "
+                     "engines (default: --tp)")
+    job.add_argument("--decode-tp", type=int, help="tensor-parallel size of the decode engines "
+                     "(default: --tp)")
+    job.add_argument("--router", default="round_robin",
+                     help="round_robin, pd, balanced_pd, prefix_aware, adaptive, or "
+                          "path/to/file.py:function")
+    job.add_argument("--router-arg", action="append", type=_key_value, default=[],
+                     metavar="KEY=VALUE", help="option for the router (cluster.args)")
+    job.add_argument("--max-inflight", type=int, default=256,
+                     help="requests the router works on at once (serve: more get 429)")
+    job.add_argument("--drain-timeout", type=float, default=60.0,
+                     help="after SIGTERM/SIGINT, seconds to let requests in flight finish")
+    job.add_argument("--transfer-timeout", type=float, default=60.0,
+                     help="seconds before a KV transfer is given up (the request recomputes)")
+    job.add_argument("--heartbeat-timeout", type=float, default=120.0,
+                     help="seconds of silence after which an engine rank counts as dead "
+                          "(the job then exits 1; requests in flight are left for the re-run)")
+    job.add_argument("--request-timeout", type=float, default=600.0,
+                     help="seconds a request's router may take; then the request is aborted "
+                          "on the engines and answered with a request_timeout error")
+    job.add_argument("--bind-interface", metavar="NAME",
+                     help="network interface whose address rank 0 offers the other ranks for "
+                          "the data plane (default: chosen from the subnet the nodes share; "
+                          "env MPISERVE_BIND_INTERFACE)")
+    job.add_argument("--dashboard", choices=["auto", "live", "plain", "off"], default="auto",
+                     help="live table on the terminal, a progress line every few seconds "
+                          "(plain), or nothing; auto: live on a terminal, else plain")
+    job.add_argument("--run-dir", help="where the run report goes: summary.json and plots "
+                     "(default: <output stem>.run/ beside the output file; serve: "
+                     "mpiserve-serve.run/)")
+    job.add_argument("--fail-transfers", type=int, default=0, help=argparse.SUPPRESS)
+    _engine_arguments(job)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -123,27 +140,36 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from .bench.serving import run_bench
             return run_bench(args, argv[1:])
-        if args.command == "run":
-            from .job import JobOptions, run_job
+        if args.command in ("run", "serve"):
+            from .job import run_job
             if args.bind_interface:      # read by cluster.bringup on every rank
                 os.environ["MPISERVE_BIND_INTERFACE"] = args.bind_interface
-            return run_job(JobOptions(
-                input=args.input, output=args.output, router=args.router,
-                router_args=dict(args.router_arg), prefill=args.prefill, decode=args.decode,
-                prefill_tp=args.tp if args.prefill_tp is None else args.prefill_tp,
-                decode_tp=args.tp if args.decode_tp is None else args.decode_tp,
-                max_inflight=args.max_inflight, drain_timeout_s=args.drain_timeout,
-                record_itl=args.record_itl,
-                dashboard=args.dashboard, run_dir=args.run_dir,
-                transfer_timeout_s=args.transfer_timeout,
-                heartbeat_timeout_s=args.heartbeat_timeout,
-                request_timeout_s=args.request_timeout, fail_transfers=args.fail_transfers,
-                engine=engine_config(args)))
+            return run_job(job_options(args))
     except MpiserveError as exc:
         if not getattr(exc, "quiet", False):     # quiet: another rank prints the same error
             print(f"mpiserve: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def job_options(args):
+    """The options of a `run` or `serve` job from its parsed arguments."""
+    from .job import JobOptions
+    serve = None
+    if args.command == "serve":
+        from .online.server import ServeOptions
+        serve = ServeOptions(args.host, args.port,
+                             args.api_key or os.environ.get("MPISERVE_API_KEY") or None)
+    return JobOptions(
+        input=getattr(args, "input", None), output=getattr(args, "output", None),
+        router=args.router, router_args=dict(args.router_arg), prefill=args.prefill,
+        decode=args.decode, prefill_tp=args.tp if args.prefill_tp is None else args.prefill_tp,
+        decode_tp=args.tp if args.decode_tp is None else args.decode_tp,
+        max_inflight=args.max_inflight, drain_timeout_s=args.drain_timeout,
+        record_itl=getattr(args, "record_itl", False), dashboard=args.dashboard,
+        run_dir=args.run_dir, transfer_timeout_s=args.transfer_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout, request_timeout_s=args.request_timeout,
+        fail_transfers=args.fail_transfers, engine=engine_config(args), serve=serve)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`mpiserve run`: one MPI job. Rank 0 routes and writes results; every other rank is an engine."""
+"""`mpiserve run` and `mpiserve serve`: one MPI job. Rank 0 routes, and writes results to a file
+(run) or answers HTTP requests (serve); every other rank is an engine."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 @dataclass(frozen=True)
 class JobOptions:
-    input: str
-    output: str
+    input: str | None                     # None: `serve` (then `serve` holds its options)
+    output: str | None
     router: str = "round_robin"
     router_args: dict = field(default_factory=dict)
     prefill: int | None = None
@@ -38,6 +39,7 @@ class JobOptions:
     request_timeout_s: float = 600.0
     fail_transfers: int = 0
     engine: EngineConfig = EngineConfig()
+    serve: object = None                  # online.server.ServeOptions for `mpiserve serve`
 
 
 def say(message: str) -> None:
@@ -110,7 +112,7 @@ def _prepare_router(options: JobOptions):
     from .router.loader import load_router
     try:
         route = load_router(options.router)
-        items = read_batch(options.input)
+        items = read_batch(options.input) if options.serve is None else None
         model_dir = options.engine.model or str(default_model())
         config = ModelConfig.from_dir(model_dir)
         if not str(model_dir).endswith(".gguf"):   # GGUF files are checked as they load
@@ -120,7 +122,10 @@ def _prepare_router(options: JobOptions):
             problem = TensorShard(size).problem(config)
             if problem:
                 return f"{model_dir}: cannot be split over {size} ranks: {problem}"
-        output = BatchOutput(options.output)
+        if options.serve is not None:
+            from .online.listen_check import check_listen
+            check_listen(options.serve.host, options.serve.port)
+        output = BatchOutput(options.output) if options.serve is None else None
     except MpiserveError as exc:
         return str(exc)
     except OSError as exc:                # unexpected, but the other ranks wait on the answer
@@ -196,16 +201,19 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
                                    tokenizer, output))
         _defer_stop_signals()             # asyncio put back the defaults; the work is done
     except BaseException as exc:
-        output.close()
+        if output is not None:
+            output.close()
         say(f"job failed: {exc}" if isinstance(exc, RuntimeError) else traceback.format_exc())
         comm.Abort(EXIT_FAILED)
         return EXIT_FAILED
-    output.close()
+    if output is not None:
+        output.close()
     _close_data_plane()
     if tally.interrupted:
-        say(f"stopped by a signal: {tally.completed} completed, {tally.failed} errors written, "
-            f"{tally.abandoned} in flight dropped; run the same command again to resume "
-            f"(exit {EXIT_STOPPED})")
+        written = "answered" if options.serve is not None else "written"
+        resume = "" if options.serve is not None else "; run the same command again to resume"
+        say(f"stopped by a signal: {tally.completed} completed, {tally.failed} errors {written}, "
+            f"{tally.abandoned} in flight dropped{resume} (exit {EXIT_STOPPED})")
         return EXIT_STOPPED
     say(f"done: {tally.completed} completed, {tally.failed} errors, {tally.skipped} already "
         f"in {options.output}; {tally.generated_tokens} tokens in "
@@ -218,9 +226,9 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     from .cluster.control import ControlChannel
     from .cluster.messages import Shutdown
     from .dashboard.observer import JobObserver
-    from .router.batch_runner import BatchRunner, ModelLimits
     from .router.cluster import Cluster
     from .router.dispatcher import Dispatcher, EngineFailure
+    from .router.request_prompt import ModelLimits
     control = ControlChannel(comm)
     dispatcher = Dispatcher(control, layout.engine_ranks, options.heartbeat_timeout_s)
     roles = {rank: layout.role(rank) for rank in layout.engine_ranks}
@@ -229,10 +237,7 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     name = Path(options.engine.model).name if options.engine.model else "mpiserve-demo"
     limits = ModelLimits(name, config.vocab_size,
                          min(options.engine.max_model_len or 1 << 62, config.context_limit))
-    runner = BatchRunner(cluster, route, options.router, tokenizer, limits, output,
-                         options.max_inflight, options.drain_timeout_s,
-                         record_itl=options.record_itl,
-                         request_timeout_s=options.request_timeout_s)
+    runner = _runner(options, cluster, route, tokenizer, limits, output)
     observer = JobObserver(options.dashboard, job_info(options, comm.Get_size(), name, roles, tp),
                            dispatcher, cluster, runner.tally, run_dir(options))
     loop = asyncio.get_running_loop()
@@ -245,7 +250,11 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     watch = asyncio.create_task(observer.run(watching))
     try:
         try:
-            tally = await runner.run(items, total=count_records(options.input))
+            if options.serve is None:
+                tally = await runner.run(items, total=count_records(options.input))
+            else:
+                from .online.server import serve_http
+                tally = await serve_http(runner, options.serve, options.drain_timeout_s)
         finally:
             stop.set()
             await pump
@@ -265,10 +274,25 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     return tally
 
 
+def _runner(options: JobOptions, cluster, route, tokenizer, limits, output):
+    """Rank 0's requests: from the input file (BatchRunner) or from HTTP (OnlineRunner)."""
+    if options.serve is not None:
+        from .online.online_runner import OnlineRunner
+        return OnlineRunner(cluster, route, options.router, tokenizer, limits,
+                            options.max_inflight, options.request_timeout_s)
+    from .router.batch_runner import BatchRunner
+    return BatchRunner(cluster, route, options.router, tokenizer, limits, output,
+                       options.max_inflight, options.drain_timeout_s,
+                       record_itl=options.record_itl, request_timeout_s=options.request_timeout_s)
+
+
 def run_dir(options: JobOptions) -> Path:
-    """Where the run report goes: --run-dir, else `<output stem>.run/` beside the output."""
+    """Where the run report goes: --run-dir, else `<output stem>.run/` beside the output
+    (serve: `mpiserve-serve.run/` in the working directory)."""
     if options.run_dir:
         return Path(options.run_dir)
+    if options.output is None:
+        return Path("mpiserve-serve.run")
     output = Path(options.output)
     return output.with_name(f"{output.stem}.run")
 
@@ -280,6 +304,7 @@ def job_info(options: JobOptions, world_size: int, model: str, roles: dict[int, 
     return {"model": model, "note": random_weights_note(options.engine.model) or "",
             "router": options.router, "router_args": dict(options.router_args),
             "world_size": world_size, "engines": dict(roles), "tensor_parallel": dict(tp),
-            "input": options.input,
+            "input": options.input if options.serve is None else
+            f"http://{options.serve.host}:{options.serve.port}",
             "output": options.output, "max_inflight": options.max_inflight,
             "engine": asdict(options.engine)}

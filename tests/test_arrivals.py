@@ -10,8 +10,9 @@ import pytest
 
 from mpiserve.batch.input_file import read_batch
 from mpiserve.batch.output_file import BatchOutput
-from mpiserve.router.batch_runner import BatchRunner, ModelLimits
+from mpiserve.router.batch_runner import BatchRunner
 from mpiserve.router.cluster import Cluster
+from mpiserve.router.request_prompt import ModelLimits
 from mpiserve.router.request_trace import RequestTrace
 
 LATE_S = 0.15            # admitted at most this long after its arrival (a loaded CI machine)

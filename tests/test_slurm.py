@@ -4,7 +4,9 @@ the session by tests/slurm_cluster.py, torn down at the end).
 - the demo batch through launchers/slurm/mpiserve.sbatch completes with exit 0;
 - `scancel --batch --signal=TERM` mid-run: the job drains, exits 3, requeues itself and the
   restarted job completes the output, with the token ids of an uninterrupted mpiexec run;
-- under mpiexec inside the allocation, launch_env's ranks agree with MPI's.
+- under mpiexec inside the allocation, launch_env's ranks agree with MPI's;
+- launchers/slurm/mpiserve-serve.sbatch serves HTTP on the port it names, and drains and
+  exits 3 on the time limit's signal.
 
 Skipped, with the reason, where the daemons cannot exist (not root, packages missing:
 launchers/slurm/install-test-slurm.sh installs them). Every wait is bounded; a failure prints
@@ -14,9 +16,12 @@ the daemons' logs and the job's log.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,7 @@ from slurm_cluster import FINAL_STATES, SlurmCluster, SlurmError
 
 TEMPLATES = REPO / "launchers" / "slurm"
 SBATCH = TEMPLATES / "mpiserve.sbatch"
+SERVE_SBATCH = TEMPLATES / "mpiserve-serve.sbatch"     # a server: its own body, no requeue
 DEMO_INPUT = REPO / "launchers" / "demo" / "requests.jsonl"
 JOB_TIMEOUT_S = 300
 BODY_MARKER = "# ---- the same in every template of launchers/slurm"
@@ -41,7 +47,7 @@ BODY_MARKER = "# ---- the same in every template of launchers/slurm"
 
 # ---- the templates themselves (no cluster needed) ---------------------------------------
 def test_templates_parse_and_share_one_body():
-    templates = sorted(TEMPLATES.glob("*.sbatch"))
+    templates = sorted(set(TEMPLATES.glob("*.sbatch")) - {SERVE_SBATCH})
     assert {t.name for t in templates} >= {"mpiserve.sbatch", "mpiserve-multinode.sbatch",
                                            "mpiserve-gpu.sbatch"}
     bodies = set()
@@ -56,6 +62,10 @@ def test_templates_parse_and_share_one_body():
         assert "#SBATCH" not in body, f"{template.name}: #SBATCH after the first command"
         bodies.add(body)
     assert len(bodies) == 1, "the templates' bodies differ; keep them the same"
+    serve = SERVE_SBATCH.read_text()
+    assert "#SBATCH --signal=B:TERM@120" in serve and "mpiserve_bin\" serve" in serve
+    check = subprocess.run(["bash", "-n", str(SERVE_SBATCH)], capture_output=True, text=True)
+    assert check.returncode == 0, f"{SERVE_SBATCH.name}: {check.stderr}"
     gpu = (TEMPLATES / "mpiserve-gpu.sbatch").read_text()
     assert "--gres=gpu" in gpu and "--gpus-per-task=1" in gpu
     for script in [REPO / "launchers" / "mpiserve-local", TEMPLATES / "install-test-slurm.sh"]:
@@ -268,3 +278,45 @@ def test_two_node_job_requeues_and_resumes(slurm_nodes, tmp_path, tmp_path_facto
                          {**job_env(mpiserve_cache), "MPISERVE_LAUNCHER": launcher},
                          "-N", "2", script=TEMPLATES / "mpiserve-multinode.sbatch")
     assert "tasks per node 2,1" in text, text[-3000:]
+
+
+def test_server_through_the_serve_template(slurm, tmp_path, mpiserve_cache):
+    """The log names the node, port and tunnel; the server answers with the API key; the time
+    limit's signal drains it and the job ends with exit 3."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "serve.log"
+    env = {**job_env(mpiserve_cache), "MPISERVE_PORT": str(port), "MPISERVE_API_KEY": "k"}
+    job_id = slurm.sbatch("-n", "3", f"--output={log}", "--job-name=mpiserve-serve-test",
+                          str(SERVE_SBATCH), "--prefill", "1", "--decode", "1",
+                          "--dashboard", "off", cwd=tmp_path, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while http_status(f"{base}/health") != 200:
+        if time.monotonic() > deadline or slurm.job(job_id).get("JobState") in FINAL_STATES:
+            slurm.run("scancel", str(job_id), check=False)
+            pytest.fail(f"no healthy server on port {port}\n{diagnose(slurm, job_id, log)}")
+        time.sleep(0.5)
+    request = urllib.request.Request(
+        f"{base}/v1/completions", method="POST", headers={"Authorization": "Bearer k"},
+        data=json.dumps({"prompt": "The river", "max_tokens": 4, "temperature": 0}).encode())
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        assert len(json.loads(answer.read())["choices"][0]["token_ids"]) == 4
+    assert http_status(f"{base}/v1/models") == 401
+    slurm.run("scancel", "--batch", "--signal=TERM", str(job_id))
+    info = wait_job(slurm, job_id, log)
+    text = log.read_text(errors="replace")
+    assert f"ssh -N -L {port}:127.0.0.1:{port}" in text, diagnose(slurm, job_id, log)
+    assert info["ExitCode"] == "3:0" and "finished with exit 3" in text, \
+        diagnose(slurm, job_id, log)
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ..engine.stopping import visible_text
 from ..model.tokenizer import Tokenizer
 from .input_file import BatchItem
-from .openai_logprobs import chat_logprobs, completion_logprobs
+from .openai_logprobs import chat_logprobs, completion_logprobs, token_text_of
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,7 @@ def choices(item: BatchItem, prompt: list[int], samples: list, prompt_logprobs: 
     """One choice per sample, in order. A sample has `tokens`, `logprobs` (None, or one
     TokenLogprob per token) and `finish_reason` (router.request_trace.SampleTrace);
     `prompt_logprobs` scores prompt tokens 1.. (an echo with logprobs)."""
-    def token_text(token: int) -> str:
-        return tokenizer.decode([token], skip_special_tokens=False)
-
+    token_text = token_text_of(tokenizer)
     made = []
     for sample in samples:
         tokens, logprobs = sample.tokens, sample.logprobs

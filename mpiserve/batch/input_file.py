@@ -180,11 +180,21 @@ def _arrival(request: dict) -> float | None:
     return float(arrival)
 
 
-def _body(request: dict, kind: str) -> dict:
+def body_item(body, kind: str, request_id: str) -> BatchItem:
+    """An online request's body (`kind` "completion" or "chat") as an item, its `error` set
+    when it is not a usable request. `stream` is the caller's to handle."""
+    try:
+        fields = _body({"body": body}, kind, online=True)
+    except _LineError as err:
+        return BatchItem(line_no=0, custom_id=request_id, kind=kind, error=str(err))
+    return BatchItem(line_no=0, custom_id=request_id, kind=kind, **fields)
+
+
+def _body(request: dict, kind: str, online: bool = False) -> dict:
     body = _required(request, "body")
     if not isinstance(body, dict):
         raise _LineError(f"body must be a JSON object (got {_show(body)})")
-    _refuse_unimplemented(body)
+    _refuse_unimplemented(body, online)
     if kind == "chat":
         fields, scoring = {"messages": _messages(body)}, _chat_scoring(body)
     else:
@@ -326,8 +336,10 @@ _UNIMPLEMENTED_FIELDS = {
 }
 
 
-def _refuse_unimplemented(body: dict) -> None:
+def _refuse_unimplemented(body: dict, online: bool) -> None:
     fields = {**_UNIMPLEMENTED_FIELDS, "best_of": _is_off(1, body.get("n") or 1)}
+    if online:
+        del fields["stream"]
     for name, is_off in fields.items():
         if not is_off(body.get(name)):
             raise _LineError(f"body.{name} is not supported by mpiserve "

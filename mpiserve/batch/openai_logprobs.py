@@ -18,6 +18,11 @@ if TYPE_CHECKING:
 TokenText = Callable[[int], str]        # token id -> its text
 
 
+def token_text_of(tokenizer) -> TokenText:
+    """A token's own text, special tokens included."""
+    return lambda token: tokenizer.decode([token], skip_special_tokens=False)
+
+
 def completion_logprobs(tokens: list[int], entries: list[TokenLogprob | None],
                         token_text: TokenText) -> dict:
     """`/v1/completions` shape for the `tokens` of the returned text (with echo, the prompt's

@@ -42,6 +42,19 @@ class BatchOutputError(MpiserveError):
 def completion_record(item: BatchItem, request_id, choices: list[Choice], prompt_tokens: int,
                       metrics: dict, model: str) -> dict:
     """The record of a request that ran to completion."""
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": item.custom_id,
+        "response": {"status_code": 200, "request_id": str(request_id),
+                     "body": completion_body(item, request_id, choices, prompt_tokens, metrics,
+                                             model)},
+        "error": None,
+    }
+
+
+def completion_body(item: BatchItem, request_id, choices: list[Choice], prompt_tokens: int,
+                    metrics: dict, model: str) -> dict:
+    """The OpenAI completion (or chat completion) object of a finished request."""
     prefix, kind = ("chatcmpl", "chat.completion") if item.kind == "chat" else (
         "cmpl", "text_completion")
     generated = sum(len(choice.token_ids) for choice in choices)
@@ -58,12 +71,7 @@ def completion_record(item: BatchItem, request_id, choices: list[Choice], prompt
         },
         "metrics": dict(metrics),
     }
-    return {
-        "id": f"batch_req_{request_id}",
-        "custom_id": item.custom_id,
-        "response": {"status_code": 200, "request_id": str(request_id), "body": body},
-        "error": None,
-    }
+    return body
 
 
 def _choice(item: BatchItem, index: int, choice: Choice) -> dict:

@@ -7,17 +7,17 @@ import asyncio
 import time
 import traceback
 from dataclasses import dataclass, field
-from numbers import Integral
 
 from ..batch.choices import choices
 from ..batch.input_file import BatchItem
 from ..batch.output_file import BatchOutput, completion_record, error_record
 from ..cluster.messages import Request
-from ..errors import RouterMisuseError
 from ..model.tokenizer import Tokenizer
 from .cluster import Cluster
 from .dispatcher import EngineFailure
+from .request_prompt import ModelLimits, PromptProblem, prompt_ids
 from .request_trace import RequestTrace, SampleTrace
+from .route_contract import routed_tokens
 
 
 @dataclass
@@ -37,23 +37,6 @@ class BatchTally:
     @property
     def in_flight(self) -> int:
         return self.seen - self.skipped - self.completed - self.failed - self.abandoned
-
-
-def checked_tokens(chunk, vocab_size: int) -> list[int]:
-    """A router's yield must be a list of token ids in [0, vocab_size)."""
-    if not isinstance(chunk, list | tuple) or not all(
-            isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
-            for t in chunk):
-        raise RouterMisuseError(f"the router yielded {chunk!r:.80}; a router yields lists of "
-                                f"token ids in [0, {vocab_size})")
-    return [int(t) for t in chunk]
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    name: str
-    vocab_size: int
-    max_model_len: int
 
 
 class BatchRunner:
@@ -177,35 +160,11 @@ class BatchRunner:
             self._write_error(item, item.error, item.error_code)
             return None
         try:
-            prompt = self._prompt_ids(item)
-        except Exception as exc:          # a template or tokenizer failure on this record
-            self._write_error(item, f"line {item.line_no}: {type(exc).__name__}: {exc}")
-            return None
-        problem = self._prompt_problem(prompt)
-        if problem:
+            prompt = prompt_ids(item, self.tokenizer, self.limits)
+        except PromptProblem as problem:
             self._write_error(item, f"line {item.line_no}: {problem}")
             return None
         return Request(item.custom_id, prompt, item.params)
-
-    def _prompt_ids(self, item: BatchItem) -> list[int]:
-        if item.kind == "chat":
-            text = self.tokenizer.apply_chat_template(item.messages)
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        if isinstance(item.prompt, str):
-            return self.tokenizer.encode(item.prompt)
-        return list(item.prompt)
-
-    def _prompt_problem(self, prompt: list[int]) -> str | None:
-        limits = self.limits
-        if not prompt:
-            return "the prompt is empty after tokenization"
-        if len(prompt) >= limits.max_model_len:
-            return (f"prompt of {len(prompt)} tokens leaves no room to generate in the "
-                    f"context of {limits.max_model_len} tokens")
-        bad = next((t for t in prompt if t >= limits.vocab_size), None)
-        if bad is not None:
-            return f"token id {bad} is outside the vocabulary of {limits.vocab_size}"
-        return None
 
     async def _serve(self, item: BatchItem, request: Request) -> None:
         """Exactly one record for `item`, whatever the router does. A lost engine ends the
@@ -222,47 +181,30 @@ class BatchRunner:
             tokens = await asyncio.wait_for(self._routed_tokens(request),
                                             self.request_timeout_s)
             trace.finished = time.monotonic()
-            await self._release_leftovers(request)
+            await self.cluster.release_leftovers(request)
             self._write_result(item, request, tokens, self.cluster.pop_trace(request))
         except EngineFailure:
             raise
         except asyncio.TimeoutError:
-            await self._abort_everywhere(request)
+            await self.cluster.abort_everywhere(request)
             self.cluster.pop_trace(request)
             self._write_error(item, f"router {self.router_name} did not finish "
                               f"{item.custom_id!r} within --request-timeout "
                               f"{self.request_timeout_s:g} s; the request was aborted",
                               code="request_timeout")
         except Exception as exc:
-            await self._release_leftovers(request)
+            await self.cluster.release_leftovers(request)
             self.cluster.pop_trace(request)
             self._write_error(item, f"router {self.router_name} failed on {item.custom_id!r}: "
                               f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
                               code="router_error")
 
     async def _routed_tokens(self, request: Request) -> list[int]:
-        """The tokens the router yields, checked against the router contract."""
         tokens: list[int] = []
-        async for chunk in self.route(request, self.cluster):
-            tokens.extend(checked_tokens(chunk, self.limits.vocab_size))
-        if self.cluster.trace(request).finish_reason is None:
-            raise RouterMisuseError("the router returned before a start_generate stream "
-                                    "finished: it must yield one stream to its end")
+        async for chunk in routed_tokens(self.route, request, self.cluster,
+                                         self.limits.vocab_size):
+            tokens.extend(chunk)
         return tokens
-
-    async def _release_leftovers(self, request: Request) -> None:
-        """Free pages the router reserved with prep_recv but never generated on (it failed,
-        or chose another engine); kept, they would shrink the engine's pool for good."""
-        reserved = self.cluster.trace(request).reserved
-        for engine in [e for e in self.cluster.engines if e.rank in reserved]:
-            await engine.release(request)
-
-    async def _abort_everywhere(self, request: Request) -> None:
-        """After a timeout: every engine the request touched drops its reservation and stops
-        generating it (its pages are freed, no token follows)."""
-        touched = self.cluster.trace(request).engines
-        for engine in [e for e in self.cluster.engines if e.rank in touched]:
-            await engine.abort(request)
 
     def _write_result(self, item, request, tokens, trace) -> None:
         samples = _samples(request, tokens, trace)

@@ -68,6 +68,11 @@ class Cluster:
     def trace(self, request: Request) -> RequestTrace:
         return self._traces.setdefault(request.id, RequestTrace())
 
+    @property
+    def engine_stats(self) -> dict[int, dict]:
+        """Each engine's latest stats snapshot, by lead rank."""
+        return self._dispatcher.stats
+
     def engines_ready(self) -> bool:
         """Whether every engine has loaded its model and reported its stats."""
         return all(e.rank in self._dispatcher.stats for e in self.engines)
@@ -90,3 +95,17 @@ class Cluster:
 
     def count_failed_transfer(self, request: Request, reason: str) -> None:
         self.failed_transfers.append(f"{request.id}: {reason}")
+
+    async def release_leftovers(self, request: Request) -> None:
+        """Free pages the router reserved with prep_recv but never generated on (it failed,
+        or chose another engine); kept, they would shrink the engine's pool for good."""
+        reserved = self.trace(request).reserved
+        for engine in [e for e in self.engines if e.rank in reserved]:
+            await engine.release(request)
+
+    async def abort_everywhere(self, request: Request) -> None:
+        """After a timeout or a client gone: every engine the request touched drops its
+        reservation and stops generating it (its pages are freed, no token follows)."""
+        touched = self.trace(request).engines
+        for engine in [e for e in self.engines if e.rank in touched]:
+            await engine.abort(request)
