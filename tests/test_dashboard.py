@@ -441,7 +441,7 @@ def test_plain_run_prints_progress_lines_and_writes_the_run_report(tmp_path, dem
     assert summary["config"]["router"] == "pd" and summary["strategies"] == {"pd": records}
 
 
-def slow_batch(path: Path, count: int = 24, max_tokens: int = 384) -> int:
+def slow_batch(path: Path, count: int = 8, max_tokens: int = 384) -> int:
     lines = [{"custom_id": f"slow-{i}", "method": "POST", "url": "/v1/completions",
               "body": {"prompt": f"Tell the long story number {i} about rivers and bread.",
                        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}

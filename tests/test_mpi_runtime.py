@@ -213,10 +213,11 @@ def assert_same_outputs(by_id: dict, expected: dict, result) -> None:
 
 # ---- 1, 2, 4: every router gives the single-engine output ------------------------------------
 ROUTERS = ["round_robin", "pd", "balanced_pd", "prefix_aware", "adaptive", "user_migrate"]
+# every router with two decode engines to choose from; the simplest and the demo's with one
+LAYOUTS = [(router, 2) for router in ROUTERS] + [("round_robin", 1), ("balanced_pd", 1)]
 
 
-@pytest.mark.parametrize("decode", [1, 2], ids=["1decode", "2decode"])
-@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("router,decode", LAYOUTS, ids=[f"{r}-{d}decode" for r, d in LAYOUTS])
 def test_router_output_matches_single_engine(tmp_path, model_dir, batch, kv_bytes_per_token,
                                              router, decode):
     options = []
