@@ -4,7 +4,8 @@
 
 The same requests (short completions, greedy, streamed online) go one at a time through a
 3-rank job with the same router (round_robin) both ways. Batch TTFT is what the output records
-say (from the request's arrival at rank 0 to its first token there); online TTFT is what the
+say, less the time the request waited for the one before it (from when the router took it at
+rank 0 to its first token there); online TTFT is what the
 client sees, from sending the HTTP request to the first streamed chunk, so it also counts the
 HTTP parsing, tokenization, the server-sent event and loopback. Writes `http_overhead.json`.
 """
@@ -50,8 +51,9 @@ def batch_ttfts(bodies: list[dict], folder: Path) -> list[float]:
                           capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise SystemExit(f"the batch job failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in output.read_text().splitlines()]
-    return [r["response"]["body"]["metrics"]["ttft"] for r in records]
+    metrics = [json.loads(line)["response"]["body"]["metrics"]
+               for line in output.read_text().splitlines()]
+    return [m["ttft"] - m["queue_time"] for m in metrics]
 
 
 def online_ttfts(bodies: list[dict], folder: Path) -> list[float]:
