@@ -43,11 +43,19 @@ async def serve_http(runner: OnlineRunner, options: ServeOptions, drain_timeout_
     finally:
         watch.cancel()
         announce.cancel()
-    runner.tally.abandoned += len(runner.live)
-    for online in list(runner.live.values()):
-        runner.abort(online)
+    await _abandon_leftovers(runner, drain_timeout_s)
     runner.cluster.check_engines()
     return runner.tally
+
+
+async def _abandon_leftovers(runner: OnlineRunner, timeout_s: float) -> None:
+    """Requests still running when the drain time ran out: aborted on the engines (their
+    tasks count them), while the dispatcher still runs to carry the aborts."""
+    tasks = [online.task for online in runner.live.values() if online.task is not None]
+    for online in list(runner.live.values()):
+        runner.abort(online)
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
 
 
 async def _stop_when(runner: OnlineRunner, server: uvicorn.Server) -> None:
