@@ -16,6 +16,7 @@ from .engine.engine_config import EngineConfig
 from .errors import MpiserveError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
+ABORT_GRACE_S = 0.5
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -204,6 +205,7 @@ def _router_rank(comm, layout: JobLayout, options: JobOptions, prepared) -> int:
         if output is not None:
             output.close()
         say(f"job failed: {exc}" if isinstance(exc, RuntimeError) else traceback.format_exc())
+        time.sleep(ABORT_GRACE_S)         # MPI_Abort can outrun the launcher's stderr forwarding
         comm.Abort(EXIT_FAILED)
         return EXIT_FAILED
     if output is not None:

@@ -25,8 +25,8 @@ MPISERVE = BIN / "mpiserve"
 JOB_TIMEOUT_S = 240
 # one input shared by the signal and Slurm tests: long enough (one request at a time) that a
 # stop lands mid-run, short enough to run in seconds on the demo model
-NUM_REQUESTS = 24
-MAX_TOKENS = 32
+NUM_REQUESTS = 40
+MAX_TOKENS = 40
 JOB_OPTIONS = ("--prefill", "1", "--decode", "1", "--router", "balanced_pd",
                "--max-inflight", "1")
 

@@ -78,6 +78,22 @@ class _BearerAuth:
         await self.app(scope, receive, send)
 
 
+class _EventStream(StreamingResponse):
+    """A streamed answer that aborts its request however the stream ends early: the client
+    went away (a write fails) or the server stopped it."""
+
+    def __init__(self, runner: OnlineRunner, online, include_usage: bool):
+        super().__init__(sse_events(runner, online, include_usage),
+                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.runner, self.online = runner, online
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.runner.abort(self.online)
+
+
 def _error(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -93,9 +109,7 @@ async def _answer(runner: OnlineRunner, http: HttpRequest, kind: str) -> Respons
         return _error(error)
     if body.get("stream"):
         options = body.get("stream_options") or {}
-        return StreamingResponse(sse_events(runner, online, bool(options.get("include_usage"))),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _EventStream(runner, online, bool(options.get("include_usage")))
     ended = await runner.outcome(online, http.is_disconnected)
     if ended is None:                        # the client left: nobody reads an answer
         return Response(status_code=499)

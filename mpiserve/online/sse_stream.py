@@ -26,7 +26,7 @@ class _SampleCursor:
 
 async def sse_events(runner: OnlineRunner, online: OnlineRequest,
                      include_usage: bool) -> AsyncIterator[str]:
-    """The events of one streamed request. Leaving early (the client went away) aborts it."""
+    """The events of one streamed request (http_app aborts it if they stop early)."""
     chat = online.item.kind == "chat"
     header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{online.request.id}",
               "object": "chat.completion.chunk" if chat else "text_completion",
@@ -35,23 +35,20 @@ async def sse_events(runner: OnlineRunner, online: OnlineRequest,
     cursors = [_SampleCursor(TextStream(runner.tokenizer.decode, stops))
                for _ in range(online.request.params.n)]
     token_text = token_text_of(runner.tokenizer)
-    try:
-        while True:
-            event = await online.queue.get()
-            if isinstance(event, Ended) and event.error is not None:
-                yield sse(event.error.body())
-                return
-            deltas = [d for i, (cursor, sample) in enumerate(zip(cursors, online.samples()))
-                      if (d := _delta(i, cursor, sample, chat, token_text)) is not None]
-            if deltas:
-                yield sse({**header, "choices": deltas})
-            if isinstance(event, Ended):
-                if include_usage:
-                    yield sse({**header, "choices": [], "usage": _usage(online)})
-                yield sse("[DONE]")
-                return
-    finally:
-        runner.abort(online)
+    while True:
+        event = await online.queue.get()
+        if isinstance(event, Ended) and event.error is not None:
+            yield sse(event.error.body())
+            return
+        deltas = [d for i, (cursor, sample) in enumerate(zip(cursors, online.samples()))
+                  if (d := _delta(i, cursor, sample, chat, token_text)) is not None]
+        if deltas:
+            yield sse({**header, "choices": deltas})
+        if isinstance(event, Ended):
+            if include_usage:
+                yield sse({**header, "choices": [], "usage": _usage(online)})
+            yield sse("[DONE]")
+            return
 
 
 def _delta(index: int, cursor: _SampleCursor, sample, chat: bool, token_text) -> dict | None:
