@@ -166,13 +166,21 @@ def _follower_rank(comm, layout: JobLayout, options: JobOptions, tp, plans) -> i
     plans, until the lead says stop. A failure is reported to rank 0 naming the group."""
     from .cluster.control import ControlChannel
     from .cluster.engine_worker import report_fatal
+    from .cluster.heartbeat import HeartbeatSender, heartbeat_interval
+    from .cluster.messages import FollowerFinal
     from .cluster.tp_follower import Follower
     from .engine.engine import Engine
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     group = layout.group_of(comm.Get_rank())
+    # rank 0 watches followers too: a hung follower stalls its lead inside a collective,
+    # while the lead's own heartbeat thread would go on beating
+    heartbeat = HeartbeatSender(comm, heartbeat_interval(options.heartbeat_timeout_s)).start()
     try:
         Follower(Engine(options.engine, tp), plans, options.transfer_timeout_s).run()
+        control = ControlChannel(comm)
+        control.send(ROUTER_RANK, FollowerFinal(comm.Get_rank(), heartbeat.stop()))
+        control.flush()
     except BaseException as exc:
         report_fatal(ControlChannel(comm), exc, f"rank {comm.Get_rank()} of the {group.role} "
                      f"engine led by rank {group.lead} (ranks {group.ranks.start}-"
@@ -232,7 +240,10 @@ async def _serve(comm, layout, options, route, items, model_dir, config, tokeniz
     from .router.dispatcher import Dispatcher, EngineFailure
     from .router.request_prompt import ModelLimits
     control = ControlChannel(comm)
-    dispatcher = Dispatcher(control, layout.engine_ranks, options.heartbeat_timeout_s)
+    followers = {rank: group.lead for group in layout.groups for rank in group.ranks
+                 if rank != group.lead}
+    dispatcher = Dispatcher(control, layout.engine_ranks, options.heartbeat_timeout_s,
+                            followers)
     roles = {rank: layout.role(rank) for rank in layout.engine_ranks}
     tp = {group.lead: group.size for group in layout.groups}
     cluster = Cluster(dispatcher, roles, options.engine.page_size, options.router_args, tp)

@@ -64,10 +64,18 @@ def start_job(source: Path, output: Path, *options, ranks: int = 3, command=None
     log = log or output.with_suffix(".log")
     with open(log, "ab") as sink:
         proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=job_env(),
-                                cwd=cwd or output.parent, start_new_session=True)
+                                cwd=cwd or output.parent, start_new_session=True,
+                                preexec_fn=_default_stop_signals)
     proc.log_path = log
     proc.started = time.monotonic()
     return proc
+
+
+def _default_stop_signals() -> None:
+    """A test run started from a background shell inherits SIGINT ignored, and a shell cannot
+    trap a signal ignored on entry: give the job the default dispositions a terminal gives."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 PROGRESS_LINE = re.compile(r"^\[\d+:\d\d:\d\d\] ")      # the dashboard's periodic lines

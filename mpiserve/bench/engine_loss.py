@@ -1,12 +1,16 @@
 """Engine loss: how long a job takes to end after an engine rank stops answering.
 
-    python -m mpiserve.bench.engine_loss [--heartbeat-timeout 5] [--quick] [--out results]
+    python -m mpiserve.bench.engine_loss [--heartbeat-timeout 5] [--decode-tp 1] [--quick]
+                                         [--out results]
 
 Starts `mpiexec -n 3 mpiserve run` (1 prefill + 1 decode engine) on requests that arrive one
-every half second, waits for the first records, then freezes the decode engine with SIGSTOP
-(a hung node: its process stays, it answers nothing). Rank 0's heartbeat check must end the job
-with exit 1 within the heartbeat timeout + 5 s, naming the lost rank and its host; records
-already written stay whole (one per id). Writes `engine_loss.json` to `--out`.
+every half second, waits for the first records, then freezes the decode engine's last rank
+with SIGSTOP (a hung node: its process stays, it answers nothing); with `--decode-tp 2` that
+rank is a tensor-parallel follower, which leaves its lead stuck in a collective. Rank 0's
+heartbeat check must end the job with exit 1 within the heartbeat timeout + 5 s, naming the
+lost rank and where it is; records
+already written stay whole (one per id). Writes `engine_loss.json` (with --decode-tp 2:
+`engine_loss_tp_follower.json`) to `--out`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from .processes import kill_tree
 from .report_files import write_report
 
 BOUND_EXTRA_S = 5.0
-STOPPED_RANK = 2                 # the decode engine
 
 
 def write_requests(path: Path, count: int, every_s: float) -> None:
@@ -56,23 +59,27 @@ def wait_for_records(output: Path, count: int, proc: subprocess.Popen, timeout_s
         time.sleep(0.1)
 
 
-def measure(model: str, work: Path, heartbeat_timeout_s: float,
+def measure(model: str, work: Path, heartbeat_timeout_s: float, decode_tp: int = 1,
             load_timeout_s: float = 180.0) -> dict:
-    """Run the job, stop the decode engine, time the job's end. The job log is `work/job.log`."""
+    """Run the job, stop the decode engine's last rank, time the job's end. The job log is
+    `work/job.log`."""
     from .serving import find_mpiexec, mpiserve_command
     source, output = work / "in.jsonl", work / "out.jsonl"
     write_requests(source, count=400, every_s=0.5)
-    command = [find_mpiexec(), "-n", "3", *mpiserve_command(), "run", "--prefill", "1",
-               "--decode", "1", "--router", "round_robin", "--model", model,
+    world = 2 + decode_tp
+    stopped_rank = world - 1
+    command = [find_mpiexec(), "-n", str(world), *mpiserve_command(), "run", "--prefill", "1",
+               "--decode", "1", "--decode-tp", str(decode_tp), "--router", "round_robin",
+               "--model", model,
                "--heartbeat-timeout", str(heartbeat_timeout_s), "--input", str(source),
                "--output", str(output), "--dashboard", "off"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(work / "job.log", "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        ranks = find_ranks(proc.pid, 3, load_timeout_s)
+        ranks = find_ranks(proc.pid, world, load_timeout_s)
         wait_for_records(output, 2, proc, load_timeout_s)
-        os.kill(ranks[STOPPED_RANK], signal.SIGSTOP)
+        os.kill(ranks[stopped_rank], signal.SIGSTOP)
         stopped = time.monotonic()
         try:
             proc.wait(timeout=heartbeat_timeout_s + 60.0)
@@ -84,7 +91,8 @@ def measure(model: str, work: Path, heartbeat_timeout_s: float,
     ids = output_ids(output)
     lost = [line for line in (work / "job.log").read_text(errors="replace").splitlines()
             if "lost engine rank" in line]
-    return {"heartbeat_timeout_s": heartbeat_timeout_s, "stopped_rank": STOPPED_RANK,
+    return {"heartbeat_timeout_s": heartbeat_timeout_s, "decode_tp": decode_tp,
+            "stopped_rank": stopped_rank,
             "exit_code": proc.returncode, "seconds_to_exit": ended_s,
             "bound_s": heartbeat_timeout_s + BOUND_EXTRA_S,
             "within_bound": ended_s is not None and ended_s <= heartbeat_timeout_s
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpiserve.bench.engine_loss",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0)
+    parser.add_argument("--decode-tp", type=int, default=1,
+                        help="ranks of the decode engine (2: the stopped rank is a follower)")
     parser.add_argument("--model", help="checkpoint directory (default: the benchmark model)")
     parser.add_argument("--out", default="results", help="output directory (default results)")
     parser.add_argument("--quick", action="store_true", help="tiny model")
@@ -104,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     from .bench_model import BENCH, QUICK, bench_model_dir
     model = args.model or str(bench_model_dir(QUICK if args.quick else BENCH))
     with tempfile.TemporaryDirectory(prefix="mpiserve-engine-loss-") as work:
-        result = measure(model, Path(work), args.heartbeat_timeout)
+        result = measure(model, Path(work), args.heartbeat_timeout, args.decode_tp)
         log_tail = (Path(work) / "job.log").read_text(errors="replace")[-3000:]
     result["command"] = "python -m mpiserve.bench.engine_loss " + " ".join(argv)
-    write_report(args.out, "engine_loss", result)
-    print(f"engine rank {STOPPED_RANK} stopped: job exited {result['exit_code']} after "
+    name = "engine_loss" if args.decode_tp == 1 else "engine_loss_tp_follower"
+    write_report(args.out, name, result)
+    print(f"engine rank {result['stopped_rank']} stopped: job exited {result['exit_code']} after "
           f"{result['seconds_to_exit']} s (bound {result['bound_s']:g} s)")
     print(f"message: {result['message']}")
     if not result["within_bound"] or result["exit_code"] != 1:

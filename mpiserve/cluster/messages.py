@@ -94,6 +94,13 @@ class StatsSnapshot:
 
 
 @dataclass(frozen=True)
+class FollowerFinal:
+    """A tensor-parallel follower rank's last message: how many heartbeats it sent."""
+    rank: int
+    heartbeats_sent: int
+
+
+@dataclass(frozen=True)
 class Fatal:
     rank: int
     traceback: str

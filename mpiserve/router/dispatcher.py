@@ -12,6 +12,7 @@ from ..cluster.heartbeat import drain_heartbeats
 from ..cluster.messages import (
     Call,
     Fatal,
+    FollowerFinal,
     Reply,
     StatsSnapshot,
     TokenBatch,
@@ -30,13 +31,18 @@ class EngineFailure(RuntimeError):
 
 class Dispatcher:
     def __init__(self, control: ControlChannel, engine_ranks: list[int],
-                 heartbeat_timeout_s: float = 120.0):
+                 heartbeat_timeout_s: float = 120.0, followers: dict[int, int] | None = None):
+        """`engine_ranks`: the engines' leads; `followers`: each other rank of a
+        tensor-parallel engine -> its lead (watched for heartbeats, never called)."""
         self.control = control
         self.engine_ranks = engine_ranks
+        self.followers = dict(followers or {})
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.stats: dict[int, dict] = {}
-        self.last_heard = {rank: time.monotonic() for rank in engine_ranks}
-        self.heartbeats = dict.fromkeys(engine_ranks, 0)      # received, per engine
+        watched = [*engine_ranks, *self.followers]
+        self.last_heard = {rank: time.monotonic() for rank in watched}
+        self.heartbeats = dict.fromkeys(watched, 0)           # received, per rank
+        self.follower_beats: dict[int, int] = {}              # sent, from FollowerFinal
         self.failure: EngineFailure | None = None
         self.failed = asyncio.Event()             # set with `failure`
         self._next_call = 0
@@ -103,7 +109,12 @@ class Dispatcher:
             final = self.stats.get(rank, {})
             return bool(final.get("final")) and (
                 self.heartbeats[rank] >= final.get("heartbeats_sent", 0))
-        return [rank for rank in self.engine_ranks if not done(rank)]
+
+        def follower_done(rank: int) -> bool:
+            return rank in self.follower_beats and (
+                self.heartbeats[rank] >= self.follower_beats[rank])
+        return ([rank for rank in self.engine_ranks if not done(rank)]
+                + [rank for rank in self.followers if not follower_done(rank)])
 
     def _deliver(self, source: int, message) -> None:
         if isinstance(message, Reply):
@@ -123,6 +134,8 @@ class Dispatcher:
                 self._stream_update(source, update)
         elif isinstance(message, StatsSnapshot):
             self.stats[message.rank] = message.stats
+        elif isinstance(message, FollowerFinal):
+            self.follower_beats[message.rank] = message.heartbeats_sent
         elif isinstance(message, Fatal):
             self._fail(EngineFailure(f"engine rank {message.rank} failed:\n{message.traceback}"))
 
@@ -153,7 +166,12 @@ class Dispatcher:
                                      "(stopped, killed, or its host unreachable)"))
 
     def _where(self, ranks: list[int]) -> list[str]:
-        return [f"{rank} on host {self.stats.get(rank, {}).get('host', '?')}" for rank in ranks]
+        def where(rank: int) -> str:
+            lead = self.followers.get(rank)
+            if lead is None:
+                return f"{rank} on host {self.stats.get(rank, {}).get('host', '?')}"
+            return f"{rank} (tensor-parallel rank of the engine led by rank {lead})"
+        return [where(rank) for rank in ranks]
 
     def _fail(self, failure: EngineFailure) -> None:
         self.failure = failure
