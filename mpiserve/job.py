@@ -10,10 +10,14 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cluster.layout import ROUTER_RANK, JobLayout
 from .engine.engine_config import EngineConfig
 from .errors import MpiserveError
+
+if TYPE_CHECKING:                         # uvicorn is imported only by `serve`
+    from .online.server import ServeOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 ABORT_GRACE_S = 0.5
@@ -40,7 +44,7 @@ class JobOptions:
     request_timeout_s: float = 600.0
     fail_transfers: int = 0
     engine: EngineConfig = EngineConfig()
-    serve: object = None                  # online.server.ServeOptions for `mpiserve serve`
+    serve: ServeOptions | None = None     # set for `mpiserve serve`
 
 
 def say(message: str) -> None:

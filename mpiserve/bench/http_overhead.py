@@ -37,9 +37,9 @@ def requests(count: int, max_tokens: int) -> list[dict]:
 
 
 def job_command(kind: str) -> list[str]:
-    binary = Path(sys.executable).parent
-    return [str(binary / "mpiexec"), "-n", "3", str(binary / "mpiserve"), kind,
-            "--router", "round_robin", "--dashboard", "off", "--max-inflight", "1"]
+    from .serving import find_mpiexec, mpiserve_command
+    return [find_mpiexec(), "-n", "3", *mpiserve_command(), kind, "--router", "round_robin",
+            "--dashboard", "off", "--max-inflight", "1"]
 
 
 def batch_ttfts(bodies: list[dict], folder: Path) -> list[float]:

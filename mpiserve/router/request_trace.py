@@ -45,7 +45,9 @@ class RequestTrace:
         sample = self.samples.setdefault(index, SampleTrace())
         sample.tokens.extend(tokens)
         if logprobs is not None:
-            sample.logprobs = (sample.logprobs or []) + list(logprobs)
+            if sample.logprobs is None:
+                sample.logprobs = []
+            sample.logprobs.extend(logprobs)
         sample.finish_reason = finish_reason or sample.finish_reason
 
     def tokens_arrived(self, count: int, now: float | None = None) -> None:
