@@ -80,3 +80,42 @@ def test_refuses_what_can_never_fit():
         sched.add(Sequence("y", [], SamplingParams()))
     with pytest.raises(InvalidRequestError, match="context of 64"):
         sched.add(Sequence("z", [1] * 64, SamplingParams()))
+
+
+def holding(sched, seq_id, prompt, received):
+    """A sequence as start_generate queues it after prep_recv: pages reserved for, and the KV
+    written of, its first `received` positions (the engine computes the rest itself)."""
+    seq = Sequence(seq_id, prompt, SamplingParams(max_tokens=4))
+    seq.page_ids = sched.pool.allocate(sched.pool.pages_for(received))
+    seq.num_computed = received
+    sched.add(seq)
+    return seq
+
+
+def test_a_sequence_holding_pages_passes_a_head_that_does_not_fit():
+    sched = make(num_pages=6, page_size=4, budget=64)
+    head = Sequence("head", list(range(20)), SamplingParams(max_tokens=4))   # needs 5 pages
+    sched.add(head)
+    held = holding(sched, "held", list(range(100, 112)), received=12)        # holds 3
+    (chunk,) = sched.schedule()
+    assert (chunk.seq, chunk.start, chunk.length) == (held, 11, 1)
+    assert list(sched.waiting) == [head]
+
+
+def test_waiting_holders_give_pages_up_when_nothing_can_run():
+    sched = make(num_pages=4, page_size=4, budget=64)
+    head = Sequence("head", list(range(12)), SamplingParams(max_tokens=4))   # needs 3 pages
+    sched.add(head)
+    first = holding(sched, "first", list(range(100, 112)), received=8)      # holds 2 of 3
+    last = holding(sched, "last", list(range(200, 212)), received=8)        # holds 2: full
+    chunks = sched.schedule()      # none fits; the last holder lets go, then the first fits
+    assert [(c.seq, c.start, c.length) for c in chunks] == [(first, 8, 4)]
+    assert last.page_ids == [] and last.num_computed == 0 and last.num_preemptions == 1
+    assert list(sched.waiting) == [head, last] and sched.num_preemptions == 1
+    for _ in range(40):                          # and everything finishes from there
+        if not sched.has_work:
+            break
+        for chunk in run_step(sched):
+            if len(chunk.seq.output) == 4:
+                sched.finish(chunk.seq)
+    assert not sched.has_work

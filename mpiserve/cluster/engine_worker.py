@@ -10,9 +10,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..engine.engine import Engine
-from ..engine.sequence import Sequence, all_samples_finished
+from ..engine.sequence import Sequence
 from ..errors import MpiserveError
 from .backoff import Backoff
+from .call_checks import send_range
 from .control import ControlChannel
 from .kv_transfer import (
     IncomingCall,
@@ -40,6 +41,7 @@ from .messages import (
     TransferDone,
 )
 from .step_plans import ReceivePlan, WritePlan
+from .token_updates import finish_info, token_updates
 
 
 @dataclass(frozen=True)
@@ -168,14 +170,8 @@ class EngineWorker:
     # ---- remote_send --------------------------------------------------------------------------
     def _remote_send(self, call: Call) -> None:
         request, kv = call.request, call.args["kv"]
-        begin = request.resolve(call.args.get("begin"), 0)
-        end = request.resolve(call.args.get("end"), len(request.prompt))
-        if kv.rank == self.rank:
-            raise ValueError("remote_send into this engine's own pages: it already computes "
-                             "what it lacks in start_generate")
-        if not 0 <= begin <= end <= kv.end:
-            raise ValueError(f"remote_send of [{begin}, {end}) does not fit the receiver's "
-                             f"reservation of [0, {kv.end})")
+        begin, end = send_range(request, kv, call.args.get("begin"), call.args.get("end"),
+                                self.rank)
         if begin == end:
             self._reply(TransferDone(call.call_id, True, 0))
             return
@@ -353,14 +349,8 @@ class EngineWorker:
     def _start_generate(self, call: Call) -> None:
         request = call.request
         begin = request.resolve(call.args.get("begin"), 0)
-        seq = self.reservations.pop(request.id, None)
-        if seq is None:
-            seq = self.engine.add_request(request.id, request.prompt, request.params)
-            held = 0
-        else:
-            held = seq.num_computed
-            self.engine.generate_reserved(seq)
-        seq.fallback = held < min(begin, len(request.prompt) - 1)
+        seq = self.engine.start_generation(request.id, request.prompt, request.params,
+                                           self.reservations.pop(request.id, None), begin)
         self.counters["fallbacks"] += seq.fallback
         self.generating[id(seq)] = call.call_id
         self.generating_seqs[request.id] = seq
@@ -383,17 +373,8 @@ class EngineWorker:
 
     def _step(self) -> None:
         events = [e for e in self.engine.step(self._layer_hook) if not self._sent_off(e.seq)]
-        last = {event.seq.seq_id: i for i, event in enumerate(events)}
-        updates = []
-        for i, event in enumerate(events):
-            seq = event.seq
-            first = self.generating_seqs[seq.seq_id]         # the request's sample 0
-            call_id = self.generating[id(first)]
-            done = last[seq.seq_id] == i and all_samples_finished(first)
-            info = self._finished(first) if done else None
-            logprobs = seq.logprobs[-1:] if seq.params.logprobs is not None else None
-            updates.append(TokenUpdate(call_id, [event.token], seq.finish_reason, info, done,
-                                       seq.sample_index, logprobs))
+        updates = token_updates(events, self.generating_seqs,
+                                lambda first: self.generating[id(first)], self._finished)
         if updates:
             self._reply(TokenBatch(updates))
 
@@ -412,11 +393,7 @@ class EngineWorker:
         del self.generating[id(seq)]
         del self.generating_seqs[seq.seq_id]
         self.counters["requests_done"] += 1
-        info = {"prefix_matched": seq.prefix_matched, "fallback": seq.fallback,
-                "preemptions": seq.num_preemptions}
-        if seq.params.prompt_logprobs is not None:
-            info["prompt_logprobs"] = seq.prompt_logprobs
-        return info
+        return finish_info(seq)
 
     # ---- stats and exit -----------------------------------------------------------------------
     def _report_stats(self) -> None:
@@ -427,17 +404,10 @@ class EngineWorker:
         self._reply(StatsSnapshot(self.rank, self.stats()))
 
     def stats(self) -> dict:
-        engine, pool = self.engine, self.engine.pool
+        engine = self.engine
         return {"role": self.role, "host": self.host, "busy_s": self.busy_s,
                 "tp": engine.tp_size, "weight_bytes_per_rank": engine.model.weight_bytes,
-                "running": len(engine.scheduler.running),
-                "waiting": len(engine.scheduler.waiting), "pages_used": pool.num_used,
-                "pages_total": pool.num_pages, "prefix_hit_tokens": pool.hit_tokens,
-                "prefix_query_tokens": pool.queried_tokens,
-                "prefill_tokens": engine.tokens_computed["prefill"],
-                "decode_tokens": engine.tokens_computed["decode"],
-                "preemptions": engine.scheduler.num_preemptions, **self.counters,
-                "time": time.time()}
+                **engine.bookkeeping_stats(), **self.counters, "time": time.time()}
 
     def _finish_sends(self) -> None:
         deadline = time.monotonic() + self.options.transfer_timeout_s

@@ -1,9 +1,10 @@
 """Continuous batching with chunked prefill under a per-step token budget (pure bookkeeping).
 
 Each step first serves running sequences (decodes and unfinished prefills) in arrival order,
-then admits waiting ones. When pages run out, the most recently admitted running sequence is
-preempted: its pages are released (its full pages stay in the prefix cache) and it is
-recomputed later, which changes nothing in its output.
+then admits waiting ones (one that already holds pages may pass the head of the queue). When
+pages run out, the most recently admitted running sequence is preempted: its pages are
+released (its full pages stay in the prefix cache) and it is recomputed later, which changes
+nothing in its output.
 """
 
 from __future__ import annotations
@@ -91,13 +92,30 @@ class Scheduler:
                 preempted = True
         while self.waiting and budget > 0 and not preempted \
                 and len(self.running) < self.max_num_seqs:
-            chunk = self._admit(self.waiting[0], budget)
+            chunk = self._admit_next(budget)
             if chunk is None:
                 break
-            self.waiting.popleft()
             chunks.append(chunk)
             budget -= chunk.length
         return chunks
+
+    def _admit_next(self, budget: int) -> Chunk | None:
+        """Admit the first waiting sequence that fits: the head, else one behind it that
+        already holds pages (KV received through prep_recv, or a fork), since only running
+        sequences give pages back. When nothing runs and none fits, waiting holders give
+        their pages up, last first, until one fits: a pool held entirely by waiting sequences
+        would otherwise never move again."""
+        while True:
+            head, *rest = self.waiting
+            for seq in [head, *(s for s in rest if s.page_ids)]:
+                chunk = self._admit(seq, budget)
+                if chunk is not None:
+                    self.waiting.remove(seq)
+                    return chunk
+            holder = next((s for s in reversed(self.waiting) if s.page_ids), None)
+            if self.running or holder is None:
+                return None
+            self._drop_progress(holder)
 
     def computed(self, chunk: Chunk) -> None:
         """Record that a chunk's KV is written; publish newly full pages to the prefix cache."""
@@ -159,9 +177,14 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._drop_progress(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _drop_progress(self, seq: Sequence) -> None:
+        """Give a sequence's pages back; it recomputes later (its full pages stay in the
+        prefix cache until they are needed)."""
         self.release_pages(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -1,14 +1,16 @@
 """What happened to one request across engines, for its output record (pure bookkeeping).
 
-Times are `time.monotonic()` seconds. `arrival` is when the request arrived: its scheduled
-arrival time when the input gives `arrival_s`, else when rank 0 read it. `ttft`, `jct` and
-`queue_time` count from the arrival, so time spent waiting to be admitted is part of them.
+Times are `clock.now()` seconds (time.monotonic; the virtual clock under `mpiserve simulate`).
+`arrival` is when the request arrived: its scheduled arrival time when the input gives
+`arrival_s`, else when rank 0 read it. `ttft`, `jct` and `queue_time` count from the arrival,
+so time spent waiting to be admitted is part of them.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+
+from . import clock
 
 ITL_DIGITS = 4                               # inter-token latencies rounded to 0.1 ms
 
@@ -24,7 +26,7 @@ class SampleTrace:
 
 @dataclass
 class RequestTrace:
-    arrival: float = field(default_factory=time.monotonic)
+    arrival: float = field(default_factory=clock.now)
     started: float | None = None            # the router began working on it
     first_token: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -33,6 +35,7 @@ class RequestTrace:
     generations: int = 0                     # start_generate calls (the contract allows one)
     engines: set[int] = field(default_factory=set)
     reserved: set[int] = field(default_factory=set)   # ranks holding prep_recv pages for it
+                                                      # (changed by Cluster.set_reserved)
     kv_bytes: int = 0
     prefix_matched: int = 0
     fallbacks: int = 0
@@ -51,7 +54,7 @@ class RequestTrace:
         sample.finish_reason = finish_reason or sample.finish_reason
 
     def tokens_arrived(self, count: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = clock.now() if now is None else now
         if self.first_token is None:
             self.first_token = now
         self.token_times.extend([now] * count)
@@ -63,7 +66,7 @@ class RequestTrace:
         return [round(b - a, ITL_DIGITS) for a, b in zip(times, times[1:])]
 
     def metrics(self, router: str, itl: bool = False) -> dict:
-        end = self.finished or time.monotonic()
+        end = self.finished or clock.now()
         started = self.started or self.arrival
         ttft = None if self.first_token is None else self.first_token - self.arrival
         n = len(self.token_times)
