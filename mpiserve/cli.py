@@ -88,6 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve one workload (seeded prompts, Poisson arrivals) "
                            "with each router in turn; write strategies.json, .md and plots.")
     bench_arguments(bench)
+    from .sim.simulate_command import add_arguments as simulate_arguments
+    simulate = sub.add_parser("simulate", help="the same routers and workloads as bench, on "
+                              "simulated engines with a virtual clock (seconds of CPU)",
+                              description="Serve a workload with each router on simulated "
+                              "engines (the real scheduler and page bookkeeping, a cost model "
+                              "for compute and KV transfer); write strategies.json rows marked "
+                              "simulated, .md and plots.")
+    simulate_arguments(simulate)
+    from .sim.plan_command import add_arguments as plan_arguments
+    plan = sub.add_parser("plan", help="the best prefill:decode split and TP size for a "
+                          "number of devices, per router and rate, by simulation",
+                          description="Simulate every layout of prefill and decode engines "
+                          "on --devices devices; print the best per router and rate, write "
+                          "plan.json.")
+    plan_arguments(plan)
+    from .sim.profile_command import add_arguments as profile_arguments
+    profile = sub.add_parser("profile", help="measure this machine's engine for the "
+                             "simulator: a JSON profile of step and KV-copy times",
+                             description="Time short engine steps of the real engine "
+                             "in-process and fit the simulator's step-time model.")
+    profile_arguments(profile)
     return parser
 
 
@@ -140,6 +161,15 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from .bench.serving import run_bench
             return run_bench(args, argv[1:])
+        if args.command == "simulate":
+            from .sim.simulate_command import run_simulate
+            return run_simulate(args, argv[1:])
+        if args.command == "plan":
+            from .sim.plan_command import run_plan
+            return run_plan(args, argv[1:])
+        if args.command == "profile":
+            from .sim.profile_command import run_profile
+            return run_profile(args)
         if args.command in ("run", "serve"):
             from .job import run_job
             if args.bind_interface:      # read by cluster.bringup on every rank

@@ -80,10 +80,11 @@ def test_sigterm_stops_with_3_and_a_rerun_completes(tmp_path, requests, referenc
     assert_complete(output, requests, reference)
 
 
-def test_sigterm_during_startup_stops_with_3(tmp_path, requests, reference):
+def test_sigterm_during_startup_stops_with_3(tmp_path, requests):
     """A stop that arrives while the ranks start (MPI init, model load, data plane) is kept
-    until rank 0 can act on it: nothing is admitted, the job exits 3 (not "killed by signal
-    15"), and the same command runs the whole batch."""
+    until rank 0 can act on it: nothing is admitted and the job exits 3 (not "killed by signal
+    15"). With no record written, running the same command again is a fresh run, which the
+    `reference` fixture is."""
     output = tmp_path / "out.jsonl"
     proc = start_job(requests, output)
     # every rank catches SIGTERM with a handler: the startup phase (later the engines ignore
@@ -105,9 +106,6 @@ def test_sigterm_during_startup_stops_with_3(tmp_path, requests, reference):
     log = log_text(proc)
     assert code == 3, f"exit {code} after SIGTERM during startup\n{log}"
     assert count_lines(output) == 0, log
-    code, log = run_job(requests, output)
-    assert code == 0, f"the resumed run exited {code}\n{log}"
-    assert_complete(output, requests, reference)
 
 
 def test_sigkill_loses_no_record_and_tears_no_line(tmp_path, requests, reference):

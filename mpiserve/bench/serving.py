@@ -235,10 +235,11 @@ def run_command_text(ranks: int, run: RouterRun, args, extra: list[str]) -> str:
 
 # ---- reports -----------------------------------------------------------------------------------
 def merge_rows(path: Path, workload: str, rows: list[dict]) -> list[dict]:
-    """The rows already in `path` that `rows` do not measure again (same workload, router and
-    rate), then `rows`."""
+    """The rows already in `path` that `rows` do not measure again (same workload, router,
+    rate, and simulated or not), then `rows`."""
     def key(row):
-        return row.get("workload"), row.get("router"), row.get("rate")
+        return (row.get("workload"), row.get("router"), row.get("rate"),
+                bool(row.get("simulated")))
     fresh = {key(r) for r in rows}
     kept = []
     if path.exists():
@@ -249,6 +250,11 @@ def merge_rows(path: Path, workload: str, rows: list[dict]) -> list[dict]:
     return kept + rows
 
 
+def router_label(row: dict) -> str:
+    """The router as tables and plots name it; `mpiserve simulate`'s rows are marked."""
+    return row["router"] + (" (simulated)" if row.get("simulated") else "")
+
+
 def _fmt(value, digits=2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -256,10 +262,12 @@ def _fmt(value, digits=2) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["# Serving strategies", "",
              "Each row is one `mpiexec` job serving the workload's requests at their Poisson "
-             "arrival times (written by `mpiserve bench`). Latencies are seconds from a request's "
-             "arrival; throughput and goodput are requests per second from the first arrival to "
-             "the last completion; goodput counts requests meeting both SLOs. Two warm-up "
-             "requests before the measured ones are left out.", ""]
+             "arrival times (written by `mpiserve bench`); a row marked simulated is "
+             "`mpiserve simulate`'s run of the same requests on a virtual clock. Latencies are "
+             "seconds from a request's arrival; throughput and goodput are requests per second "
+             "from the first arrival to the last completion; goodput counts requests meeting "
+             "both SLOs. Two warm-up requests before the measured ones are left out (simulated "
+             "runs have none).", ""]
     for workload in dict.fromkeys(r["workload"] for r in rows):
         group = [r for r in rows if r["workload"] == workload]
         first = group[0]
@@ -277,7 +285,7 @@ def markdown(rows: list[dict]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(group, key=lambda r: r["rate"]):
             lines.append(
-                f"| {r['router']} | {r['rate']:g} | {_fmt(r['throughput'], 3)} | "
+                f"| {router_label(r)} | {r['rate']:g} | {_fmt(r['throughput'], 3)} | "
                 f"{_fmt(r['goodput'], 3)} | {_fmt(r['mean_ttft'])} | {_fmt(r['p99_ttft'])} | "
                 f"{_fmt(r['mean_tpot'], 3)} | {_fmt(r['mean_itl'], 3)} | "
                 f"{_fmt(r['p99_itl'], 3)} | {_fmt(r['mean_jct'])} | {_fmt(r['p50_jct'])} | "
@@ -299,9 +307,9 @@ def plot(rows: list[dict], workload: str, path: Path) -> bool:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key, title in zip(axes, ("mean_jct", "p99_jct", "mean_ttft"),
                               ("mean JCT", "p99 JCT", "mean TTFT")):
-        for router in dict.fromkeys(r["router"] for r in group):
+        for router in dict.fromkeys(router_label(r) for r in group):
             points = sorted((r["rate"], r[key]) for r in group
-                            if r["router"] == router and r[key] is not None)
+                            if router_label(r) == router and r[key] is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=router)
         ax.set_xlabel("request rate (req/s)")

@@ -37,11 +37,10 @@ from .messages import (
     Shutdown,
     StatsSnapshot,
     TokenBatch,
-    TokenUpdate,
     TransferDone,
 )
 from .step_plans import ReceivePlan, WritePlan
-from .token_updates import finish_info, token_updates
+from .token_updates import Generations
 
 
 @dataclass(frozen=True)
@@ -71,16 +70,14 @@ class EngineWorker:
         self.engine = engine
         self.options = options
         self.fail_budget = options.fail_transfers
-        self.generating: dict[int, int] = {}            # id(seq) -> start_generate call id
-        self.generating_seqs: dict[str, Sequence] = {}   # request id -> generating seq
+        self.generations = Generations(engine)
         self.reservations: dict[str, Sequence] = {}      # request id -> seq from prep_recv
         self.waiting_reservations: deque[Call] = deque()
         self.to_send: dict[int, OutgoingTransfer] = {}   # id(prefill seq) -> its transfer
         self.sending: list[OutgoingTransfer] = []
         self.incoming: list[IncomingStep] = []              # in announcement order
         self.receiving: dict[int, IncomingCall] = {}        # remote_send call id -> progress
-        self.counters = {"kv_bytes_sent": 0, "kv_bytes_received": 0, "transfers_failed": 0,
-                         "fallbacks": 0, "requests_done": 0, "requests_aborted": 0}
+        self.counters = self.generations.counters
         self.stopping = False
         self._next_key = 0                               # names announcements to followers
         self.host = socket.gethostname()
@@ -347,13 +344,7 @@ class EngineWorker:
 
     # ---- start_generate -----------------------------------------------------------------------
     def _start_generate(self, call: Call) -> None:
-        request = call.request
-        begin = request.resolve(call.args.get("begin"), 0)
-        seq = self.engine.start_generation(request.id, request.prompt, request.params,
-                                           self.reservations.pop(request.id, None), begin)
-        self.counters["fallbacks"] += seq.fallback
-        self.generating[id(seq)] = call.call_id
-        self.generating_seqs[request.id] = seq
+        self.generations.start(call, self.reservations.pop(call.request.id, None))
 
     # ---- abort (a request timed out on rank 0) ------------------------------------------------
     def _abort(self, call: Call) -> None:
@@ -363,18 +354,14 @@ class EngineWorker:
         self.waiting_reservations = deque(c for c in self.waiting_reservations
                                           if c.request.id != request_id)
         self._drop_reservation(request_id)
-        seq = self.generating_seqs.pop(request_id, None)
-        if seq is not None:
-            self.engine.abort(seq)
-            self.counters["requests_aborted"] += 1
-            self._reply(TokenBatch([TokenUpdate(self.generating.pop(id(seq)), [], "abort",
-                                                done=True)]))
+        ended = self.generations.abort(request_id)
+        if ended is not None:
+            self._reply(TokenBatch([ended]))
         self._reply(Reply(call.call_id))
 
     def _step(self) -> None:
         events = [e for e in self.engine.step(self._layer_hook) if not self._sent_off(e.seq)]
-        updates = token_updates(events, self.generating_seqs,
-                                lambda first: self.generating[id(first)], self._finished)
+        updates = self.generations.updates(events)
         if updates:
             self._reply(TokenBatch(updates))
 
@@ -387,13 +374,6 @@ class EngineWorker:
         transfer.start_waiting(self.options.transfer_timeout_s)
         self.sending.append(transfer)
         return True
-
-    def _finished(self, seq: Sequence) -> dict:
-        """Forget a request whose samples all finished; the info of its last update."""
-        del self.generating[id(seq)]
-        del self.generating_seqs[seq.seq_id]
-        self.counters["requests_done"] += 1
-        return finish_info(seq)
 
     # ---- stats and exit -----------------------------------------------------------------------
     def _report_stats(self) -> None:

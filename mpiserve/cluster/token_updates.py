@@ -1,39 +1,69 @@
-"""What the router receives of one engine step's tokens: one TokenUpdate per event, the last
-of a request marked done with its info once every sample finished (pure; shared by the real
-and the simulated engine)."""
+"""An engine rank's generating requests and what the router receives of them: one TokenUpdate
+per token event, the last of a request marked done with its info once every sample finished
+(pure; the same bookkeeping for the real engine rank and the simulated one)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ..engine.engine_core import TokenEvent
+from ..engine.engine_core import EngineCore, TokenEvent
 from ..engine.sequence import Sequence, all_samples_finished
-from .messages import TokenUpdate
+from .messages import Call, TokenUpdate
+
+# what an engine rank counts for its stats
+COUNTERS = ("kv_bytes_sent", "kv_bytes_received", "transfers_failed", "fallbacks",
+            "requests_done", "requests_aborted")
 
 
-def token_updates(events: list[TokenEvent], generating: dict[str, Sequence],
-                  call_of: Callable[[Sequence], int],
-                  finished: Callable[[Sequence], dict]) -> list[TokenUpdate]:
-    """`generating`: request id -> the request's sample 0; `call_of(sample 0)`: its
-    start_generate call id; `finished(sample 0)` forgets a request and returns its info."""
-    last = {event.seq.seq_id: i for i, event in enumerate(events)}
-    updates = []
-    for i, event in enumerate(events):
-        seq = event.seq
-        first = generating[seq.seq_id]
-        call_id = call_of(first)
-        done = last[seq.seq_id] == i and all_samples_finished(first)
-        info = finished(first) if done else None
-        logprobs = seq.logprobs[-1:] if seq.params.logprobs is not None else None
-        updates.append(TokenUpdate(call_id, [event.token], seq.finish_reason, info, done,
-                                   seq.sample_index, logprobs))
-    return updates
+class Generations:
+    """The requests `engine` generates, each by its sample 0, and the start_generate call
+    each one answers; `counters` are the rank's (see COUNTERS)."""
 
+    def __init__(self, engine: EngineCore):
+        self.engine = engine
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._calls: dict[int, int] = {}            # id(sample 0) -> start_generate call id
+        self._firsts: dict[str, Sequence] = {}      # request id -> sample 0
 
-def finish_info(seq: Sequence) -> dict:
-    """The info of a finished request's last update."""
-    info = {"prefix_matched": seq.prefix_matched, "fallback": seq.fallback,
-            "preemptions": seq.num_preemptions}
-    if seq.params.prompt_logprobs is not None:
-        info["prompt_logprobs"] = seq.prompt_logprobs
-    return info
+    def start(self, call: Call, reserved: Sequence | None) -> Sequence:
+        """start_generate, on the reservation prep_recv made for it (if any)."""
+        request = call.request
+        seq = self.engine.start_generation(request.id, request.prompt, request.params,
+                                           reserved, request.resolve(call.args.get("begin"), 0))
+        self.counters["fallbacks"] += seq.fallback
+        self._calls[id(seq)] = call.call_id
+        self._firsts[request.id] = seq
+        return seq
+
+    def abort(self, request_id: str) -> TokenUpdate | None:
+        """Stop a request's generation; the update that ends its stream (None: not here)."""
+        seq = self._firsts.pop(request_id, None)
+        if seq is None:
+            return None
+        self.engine.abort(seq)
+        self.counters["requests_aborted"] += 1
+        return TokenUpdate(self._calls.pop(id(seq)), [], "abort", done=True)
+
+    def updates(self, events: list[TokenEvent]) -> list[TokenUpdate]:
+        """The step's token events as the router receives them."""
+        last = {event.seq.seq_id: i for i, event in enumerate(events)}
+        updates = []
+        for i, event in enumerate(events):
+            seq = event.seq
+            first = self._firsts[seq.seq_id]
+            call_id = self._calls[id(first)]
+            done = last[seq.seq_id] == i and all_samples_finished(first)
+            info = self._finished(first) if done else None
+            logprobs = seq.logprobs[-1:] if seq.params.logprobs is not None else None
+            updates.append(TokenUpdate(call_id, [event.token], seq.finish_reason, info, done,
+                                       seq.sample_index, logprobs))
+        return updates
+
+    def _finished(self, first: Sequence) -> dict:
+        """Forget a request whose samples all finished; the info of its last update."""
+        del self._calls[id(first)]
+        del self._firsts[first.seq_id]
+        self.counters["requests_done"] += 1
+        info = {"prefix_matched": first.prefix_matched, "fallback": first.fallback,
+                "preemptions": first.num_preemptions}
+        if first.params.prompt_logprobs is not None:
+            info["prompt_logprobs"] = first.prompt_logprobs
+        return info

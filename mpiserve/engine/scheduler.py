@@ -125,6 +125,8 @@ class Scheduler:
 
     def publish_full_pages(self, seq: Sequence) -> None:
         size = self.pool.page_size
+        if (len(seq.page_hashes) + 1) * size > seq.num_computed:
+            return                       # no page filled (most steps): no token list copied
         tokens = seq.tokens
         while (len(seq.page_hashes) + 1) * size <= seq.num_computed:
             k = len(seq.page_hashes)

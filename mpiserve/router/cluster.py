@@ -29,6 +29,7 @@ class Cluster:
         self.strategies: Counter[str] = Counter()
         self.failed_transfers: list[str] = []
         self._traces: dict[str, RequestTrace] = {}
+        self._reservations: Counter[int] = Counter()    # rank -> traces with it in .reserved
         self._dispatcher = dispatcher
         self._speeds = {e.rank: SpeedEstimator() for e in self.engines}
         self._speed_seen: dict[int, dict] = {}
@@ -87,11 +88,29 @@ class Cluster:
             raise self._dispatcher.failure
 
     def pop_trace(self, request: Request) -> RequestTrace:
-        return self._traces.pop(request.id, None) or RequestTrace()
+        trace = self._traces.pop(request.id, None)
+        if trace is None:
+            return RequestTrace()
+        self._reservations.subtract(trace.reserved)
+        return trace
 
     def reservations_on(self, rank: int) -> int:
         """Requests in flight that hold pages reserved on `rank` and do not generate yet."""
-        return sum(rank in trace.reserved for trace in self._traces.values())
+        return self._reservations[rank]
+
+    def set_reserved(self, request: Request, trace: RequestTrace, rank: int,
+                     held: bool) -> None:
+        """Record in `trace` (the request's) whether `rank` holds prep_recv pages for it. The
+        only way to change `trace.reserved`: reservations_on keeps count of it, for the
+        traces still in flight, so that a load check costs no scan of every request."""
+        if held == (rank in trace.reserved):
+            return
+        if held:
+            trace.reserved.add(rank)
+        else:
+            trace.reserved.discard(rank)
+        if self._traces.get(request.id) is trace:
+            self._reservations[rank] += 1 if held else -1
 
     def count_failed_transfer(self, request: Request, reason: str) -> None:
         self.failed_transfers.append(f"{request.id}: {reason}")

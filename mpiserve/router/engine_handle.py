@@ -44,11 +44,11 @@ class EngineHandle:
         """Match prompt[:end] in this engine's prefix cache and reserve pages for the rest."""
         trace = self._cluster.trace(request)
         trace.engines.add(self.rank)
-        trace.reserved.add(self.rank)         # counts in this engine's load from now on
+        self._cluster.set_reserved(request, trace, self.rank, True)   # counts in its load
         try:
             kv = await self._dispatcher.call(self.rank, "prep_recv", request, end=end)
         except BaseException:
-            trace.reserved.discard(self.rank)
+            self._cluster.set_reserved(request, trace, self.rank, False)
             raise
         trace.prefix_matched = max(trace.prefix_matched, kv.matched)
         return kv
@@ -57,13 +57,13 @@ class EngineHandle:
         """Give back the pages prep_recv reserved here for a request that will not generate
         here. The runtime does this for reservations left over when a request ends."""
         await self._dispatcher.call(self.rank, "release", request)
-        self._cluster.trace(request).reserved.discard(self.rank)
+        self._unreserve(request)
 
     async def abort(self, request: Request) -> None:
         """Drop everything this engine holds or does for a request: a reservation (granted or
         waiting) and its generation. The runtime does this when a request times out."""
         await self._dispatcher.call(self.rank, "abort", request)
-        self._cluster.trace(request).reserved.discard(self.rank)
+        self._unreserve(request)
 
     async def remote_send(self, request: Request, kv: KVAddress, begin: int = 0,
                           end: int | None = None) -> TransferDone:
@@ -98,7 +98,7 @@ class EngineHandle:
             raise RouterMisuseError(f"start_generate called again for request {request.id!r}: "
                                     "a request generates once, on one engine")
         trace.engines.add(self.rank)
-        trace.reserved.discard(self.rank)     # the reservation becomes this generation
+        self._cluster.set_reserved(request, trace, self.rank, False)   # now a generation
         work = len(request.prompt) - request.resolve(begin, 0)
         self._active += 1
         self._queued_prefill += work
@@ -119,6 +119,9 @@ class EngineHandle:
             self._active -= 1
             self._queued_prefill -= work
         self._cluster.prefixes.add(self.rank, request.prompt)
+
+    def _unreserve(self, request: Request) -> None:
+        self._cluster.set_reserved(request, self._cluster.trace(request), self.rank, False)
 
     def _record(self, trace, update: TokenUpdate) -> None:
         trace.tokens_arrived(len(update.tokens))

@@ -12,6 +12,8 @@ from ..errors import RouterMisuseError
 
 def checked_tokens(chunk, vocab_size: int) -> list[int]:
     """A router's yield must be a list of token ids in [0, vocab_size)."""
+    if type(chunk) is list and all(type(t) is int and 0 <= t < vocab_size for t in chunk):
+        return list(chunk)              # the usual case, checked without the ABCs below
     if not isinstance(chunk, list | tuple) or not all(
             isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
             for t in chunk):

@@ -1,0 +1,176 @@
+"""The simulator against measurement (issue 11): the same workloads, arrival times and routers,
+served by real `mpiexec` jobs and by simulated engines with a profile of this machine's engine.
+
+    python -m mpiserve.bench.sim_validation [--workloads long,chat] [--routers LIST]
+        [--num-requests 16] [--profile FILE] [--out results]
+
+Three public commands, run in turn: `mpiserve profile` on the benchmark model (unless
+`--profile` gives one), then for each workload `mpiserve bench` (measured) and
+`mpiserve simulate --profile` (simulated) with the same routers, rates, request count and
+seed. Their strategies.json rows are joined on (workload, router, rate) and compared on mean
+JCT and mean TTFT. Writes `sim_validation.json` and `sim_validation.md` to `--out`; the
+commands' own outputs stay in `--work-dir` (default: a temporary directory, removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .report_files import write_report
+from .serving import SEED, mpiserve_command, resolve_model
+
+ALL_ROUTERS = "round_robin,pd,balanced_pd:0.1,balanced_pd:auto,prefix_aware,adaptive"
+RATES = {"long": "0.3", "chat": "2", "shared_prefix": "2"}
+COMPARED = ("mean_jct", "mean_ttft")
+
+
+def say(message: str) -> None:
+    print(f"sim_validation: {message}", file=sys.stderr, flush=True)
+
+
+def run_step(words: list[str], log: Path) -> None:
+    """Run one mpiserve command; its output goes to `log`; exits naming the log on failure."""
+    say(shlex.join(words))
+    with log.open("w") as out:
+        code = subprocess.run(words, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"sim_validation: exit {code} from {words[1]} (log: {log})")
+
+
+def rows_of(path: Path) -> dict[tuple, dict]:
+    rows = json.loads(path.read_text())
+    return {(r["workload"], r["router"], r["rate"]): r for r in rows}
+
+
+def relative_error(simulated, measured) -> float | None:
+    if simulated is None or not measured:
+        return None
+    return (simulated - measured) / measured
+
+
+def compare(measured: dict[tuple, dict], simulated: dict[tuple, dict]) -> list[dict]:
+    """One row per (workload, router, rate) both sides ran."""
+    rows = []
+    for key in sorted(measured.keys() & simulated.keys(), key=str):
+        m, s = measured[key], simulated[key]
+        row = {"workload": key[0], "router": key[1], "rate": key[2],
+               "completed": [m["completed"], s["completed"]]}
+        for name in COMPARED:
+            row[f"measured_{name}"], row[f"simulated_{name}"] = m.get(name), s.get(name)
+            row[f"{name}_error"] = relative_error(s.get(name), m.get(name))
+        rows.append(row)
+    return rows
+
+
+def worst(rows: list[dict], name: str) -> float | None:
+    errors = [abs(r[f"{name}_error"]) for r in rows if r[f"{name}_error"] is not None]
+    return max(errors, default=None)
+
+
+def fit_text(fit: dict) -> str:
+    step, transfer = fit["step"], fit["transfer"]
+    return (f"step = {step['intercept_s'] * 1e3:.2f} ms + "
+            f"{step['per_prefill_token_s'] * 1e6:.0f} us per prefill token + "
+            f"{step['per_decode_seq_s'] * 1e6:.0f} us per decode sequence + "
+            f"{step['per_context_token_s'] * 1e9:.0f} ns per context token + "
+            f"{step.get('per_attention_pair_s', 0.0) * 1e12:.0f} ps per attention pair; "
+            f"KV copy {transfer['latency_s'] * 1e6:.0f} us + "
+            f"{transfer['per_byte_s'] * 1e12:.0f} ps per byte")
+
+
+def markdown(report: dict) -> str:
+    def pct(x):
+        return "–" if x is None else f"{x * 100:+.1f}%"
+
+    def sec(x):
+        return "–" if x is None else f"{x:.2f}"
+    lines = ["# The simulator against measured runs", "",
+             f"Command: `{report['command']}`", "",
+             "Each row: the same seeded requests and Poisson arrival times, served once by a "
+             "real `mpiexec -n 3` job (1 prefill + 1 decode engine, `mpiserve bench`) and once "
+             "by simulated engines whose step and KV-copy times come from `mpiserve profile` "
+             "of the same model on this machine (`mpiserve simulate --profile`). Error = "
+             "(simulated - measured) / measured.", "",
+             f"Profile ({report['profile_fit']['source']}): {fit_text(report['profile_fit'])}.",
+             "",
+             "| workload | router | rate | mean JCT measured | simulated | error "
+             "| mean TTFT measured | simulated | error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['workload']} | {r['router']} | {r['rate']:g} "
+                     f"| {sec(r['measured_mean_jct'])} | {sec(r['simulated_mean_jct'])} "
+                     f"| {pct(r['mean_jct_error'])} | {sec(r['measured_mean_ttft'])} "
+                     f"| {sec(r['simulated_mean_ttft'])} | {pct(r['mean_ttft_error'])} |")
+    lines += ["", f"Largest error: mean JCT {pct(report['worst_mean_jct_error'])}, mean TTFT "
+              f"{pct(report['worst_mean_ttft_error'])} (target: within 10%).", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", default="long,chat", help="comma list (default %(default)s)")
+    parser.add_argument("--routers", default=ALL_ROUTERS, help="comma list (default: all)")
+    parser.add_argument("--num-requests", type=int, default=16, help="requests per run")
+    parser.add_argument("--seed", type=int, default=SEED, help="workload seed")
+    parser.add_argument("--profile", help="a profile from `mpiserve profile` (default: "
+                        "measure the benchmark model now)")
+    parser.add_argument("--out", default="results", help="output directory")
+    parser.add_argument("--work-dir", help="keep the commands' outputs and logs here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="mpiserve-simval-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        report = validate(args, work)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    report["command"] = "python -m mpiserve.bench.sim_validation " + shlex.join(argv)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    write_report(Path(args.out), "sim_validation", report, markdown(report))
+    say(f"largest error: mean JCT {report['worst_mean_jct_error']}, mean TTFT "
+        f"{report['worst_mean_ttft_error']}")
+    return 0
+
+
+def validate(args, work: Path) -> dict:
+    mpiserve = mpiserve_command()
+    model, _, _ = resolve_model(argparse.Namespace(model=None, quick=False))
+    profile = Path(args.profile) if args.profile else work / "profile.json"
+    if not args.profile:
+        run_step([*mpiserve, "profile", "--model", model, "--out", str(profile)],
+                 work / "profile.log")
+    rows = []
+    for workload in args.workloads.split(","):
+        common = ["--workload", workload, "--routers", args.routers,
+                  "--rates", RATES.get(workload, "1"), "--num-requests",
+                  str(args.num_requests), "--seed", str(args.seed)]
+        measured, simulated = work / f"{workload}-measured", work / f"{workload}-simulated"
+        run_step([*mpiserve, "bench", *common, "--out", str(measured)],
+                 work / f"{workload}-bench.log")
+        run_step([*mpiserve, "simulate", *common, "--profile", str(profile),
+                  "--out", str(simulated)], work / f"{workload}-simulate.log")
+        rows += compare(rows_of(measured / "strategies.json"),
+                        rows_of(simulated / "strategies.json"))
+    fit = json.loads(profile.read_text())
+    return {"rows": rows, "profile_fit": {"step": fit["step"], "transfer": fit["transfer"],
+                                          "source": fit.get("source")},
+            "worst_mean_jct_error": worst(rows, "mean_jct"),
+            "worst_mean_ttft_error": worst(rows, "mean_ttft")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""`mpiserve profile`: measure this machine's engine for the simulator.
+
+    mpiserve profile --model DIR --out profile.json
+
+Builds the real engine in-process (as `mpiserve.LLM` does), times short steps of known shape
+— prefill-only steps of several lengths, decode steps of several batch sizes and context
+lengths — and fits the simulator's step model by least squares:
+
+    step_s = intercept + a * prefill_tokens + b * decode_seqs + c * context_tokens
+             + d * attention_pairs
+
+(a coefficient the fit makes negative is dropped and the rest refitted). The KV transfer fit
+times packing KV pages of several sizes into a contiguous buffer and unpacking it into other
+pages, the device-side copies of a transfer; the link between engines is not in it (on one
+host with gloo it adds a comparable copy, see results/kv_path.md). Runs in about a minute on
+the built-in demo model on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from .profiled_cost import STEP_TERMS, ProfiledCost, StepFit, TransferFit
+from .step_shape import StepShape
+
+# Prompts prefilled in one step, as mpiserve run's default budget (1024 tokens) cuts them; the
+# longest is also prefilled in chunks of half its length, so the later chunk reads earlier KV.
+PREFILL_LENGTHS = (16, 128, 512, 1024)
+DECODE_BATCHES = (1, 16)
+DECODE_CONTEXTS = (64, 1024)
+DECODE_STEPS = 4
+COPY_TOKENS = (16, 128, 512, 2048)
+
+
+def say(message: str) -> None:
+    print(f"mpiserve profile: {message}", file=sys.stderr, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory (default: the built-in demo "
+                        "model)")
+    parser.add_argument("--out", required=True, help="the JSON profile to write")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads, as each engine rank of a job uses (default 1)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="times each step shape is measured (default 2)")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5,
+                        help="KV page pool the profile records for simulated engines "
+                             "(default 0.5, as mpiserve run's)")
+
+
+def run_profile(args) -> int:
+    from ..engine.engine import Engine
+    from ..engine.engine_config import EngineConfig
+    started = time.perf_counter()
+    engine = Engine(EngineConfig(model=args.model, device=args.device,
+                                 torch_threads=args.torch_threads,
+                                 kv_cache_gib=args.kv_cache_gib,
+                                 max_batch_tokens=max(PREFILL_LENGTHS)))
+    if engine.max_model_len <= max(PREFILL_LENGTHS) + DECODE_STEPS + 2:
+        say(f"error: the model's context of {engine.max_model_len} tokens is too short to "
+            f"profile (it needs more than {max(PREFILL_LENGTHS) + DECODE_STEPS + 2})")
+        return 2
+    say(f"engine ready on {engine.device} ({time.perf_counter() - started:.1f} s); timing steps")
+    samples = step_samples(engine, max(1, args.repeats))
+    step = fit_step(samples)
+    transfer = fit_transfer(copy_samples(engine, max(1, args.repeats)))
+    kv = engine.kv
+    profile = ProfiledCost(step, transfer, kv_bytes_per_token=kv.layer_bytes(1) * kv.num_layers,
+                           tp=1, page_size=engine.pool.page_size, pages=engine.pool.num_pages,
+                           vocab_size=engine.model_config.vocab_size,
+                           max_model_len=engine.max_model_len,
+                           source=f"{Path(engine.model_dir).name} on {engine.device}")
+    data = {**profile.to_json(), "samples": samples,
+            "measured_s": round(time.perf_counter() - started, 1)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+    say(f"wrote {args.out}: step = {step.intercept_s * 1e3:.2f} ms + "
+        f"{step.per_prefill_token_s * 1e6:.1f} us/prefill token + "
+        f"{step.per_decode_seq_s * 1e6:.1f} us/decode seq + "
+        f"{step.per_context_token_s * 1e9:.1f} ns/context token + "
+        f"{step.per_attention_pair_s * 1e12:.1f} ps/attention pair; KV copy "
+        f"{transfer.latency_s * 1e6:.0f} us + {transfer.per_byte_s * 1e12:.1f} ps/byte "
+        f"({data['measured_s']} s)")
+    return 0
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+def _timed_steps(engine, count: int | None = None) -> list[dict]:
+    """Step the engine (`count` times, or until idle); the shape and seconds of each step."""
+    scheduler, original = engine.scheduler, engine.scheduler.schedule
+    shapes = []
+
+    def schedule():
+        chunks = original()
+        shapes.append(StepShape.of(chunks))
+        return chunks
+    scheduler.schedule = schedule
+    samples = []
+    try:
+        while engine.has_work and (count is None or len(samples) < count):
+            begun = time.perf_counter()
+            engine.step()
+            seconds = time.perf_counter() - begun
+            samples.append({**shapes[-1]._asdict(), "seconds": seconds})
+    finally:
+        del scheduler.schedule
+    return samples
+
+
+def _prompt(rng: random.Random, engine, length: int) -> list[int]:
+    return [rng.randrange(5, engine.model_config.vocab_size) for _ in range(length)]
+
+
+def step_samples(engine, repeats: int) -> list[dict]:
+    from ..engine.sampling_params import SamplingParams
+    rng = random.Random(20250305)
+    samples, names = [], iter(range(1 << 30))
+    for _ in range(repeats):
+        one_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        for length in PREFILL_LENGTHS:       # one prefill step, then its sequence finishes
+            engine.add_request(f"p{next(names)}", _prompt(rng, engine, length), one_token)
+            samples += _timed_steps(engine, 1)
+            _timed_steps(engine)
+        samples += _chunked_prefill(engine, _prompt(rng, engine, max(PREFILL_LENGTHS)),
+                                    f"c{next(names)}", one_token)
+        for batch in DECODE_BATCHES:
+            for context in DECODE_CONTEXTS:
+                params = SamplingParams(max_tokens=DECODE_STEPS + 2, temperature=0,
+                                        ignore_eos=True)
+                context = _fitting_context(engine, batch, context)
+                for _ in range(batch):
+                    engine.add_request(f"d{next(names)}", _prompt(rng, engine, context), params)
+                while any(s.in_prefill or not s.output for s in engine.scheduler.running) \
+                        or engine.scheduler.waiting:
+                    _timed_steps(engine, 1)          # prefills: not decode samples
+                samples += _timed_steps(engine, DECODE_STEPS)
+                _timed_steps(engine)
+    return samples
+
+
+def _chunked_prefill(engine, prompt: list[int], name: str, params) -> list[dict]:
+    """Prefill `prompt` in two steps of half its length each: the second reads the KV the
+    first wrote, as a long prompt's later chunks do."""
+    scheduler = engine.scheduler
+    budget, scheduler.max_batch_tokens = scheduler.max_batch_tokens, len(prompt) // 2
+    try:
+        engine.add_request(name, prompt, params)
+        samples = _timed_steps(engine, 2)
+    finally:
+        scheduler.max_batch_tokens = budget
+    _timed_steps(engine)
+    return samples
+
+
+def _fitting_context(engine, batch: int, context: int) -> int:
+    """`context`, or less where `batch` sequences of it would not fit the context length or
+    the page pool with the decode steps' tokens."""
+    room = DECODE_STEPS + 2 + engine.pool.page_size
+    per_sequence = engine.pool.num_pages * engine.pool.page_size // batch
+    return max(1, min(context, engine.max_model_len - room, per_sequence - room))
+
+
+def copy_samples(engine, repeats: int) -> list[tuple[int, float]]:
+    """(bytes, seconds) of packing a range of KV and unpacking it into other pages."""
+    kv, pages = engine.kv, engine.pool.num_pages
+    results = []
+    for tokens in COPY_TOKENS:
+        tokens = min(tokens, pages * kv.page_size // 2)
+        need = -(-tokens // kv.page_size)
+        source, target = list(range(need)), list(range(need, 2 * need))
+        for _ in range(repeats + 1):
+            begun = time.perf_counter()
+            src, dst = kv.slots(source, 0, tokens), kv.slots(target, 0, tokens)
+            for layer in range(kv.num_layers):
+                kv.write(layer, dst, kv.read(layer, src))
+            results.append((kv.layer_bytes(tokens) * kv.num_layers,
+                            time.perf_counter() - begun))
+        del results[-repeats - 1]                     # the first of each size warms up
+    return results
+
+
+# ---- fitting -----------------------------------------------------------------------------------
+def fit_step(samples: list[dict]) -> StepFit:
+    """Least squares of seconds on (1, prefill_tokens, decode_seqs, context_tokens,
+    attention_pairs); terms whose coefficient comes out negative are dropped and the rest
+    refitted."""
+    columns = {"intercept_s": lambda s: 1.0,
+               "per_prefill_token_s": lambda s: s["prefill_tokens"],
+               "per_decode_seq_s": lambda s: s["decode_seqs"],
+               "per_context_token_s": lambda s: s["context_tokens"],
+               "per_attention_pair_s": lambda s: s["attention_pairs"]}
+    kept = list(STEP_TERMS)
+    while True:
+        coefficients = _least_squares([[columns[k](s) for k in kept] for s in samples],
+                                      [s["seconds"] for s in samples])
+        negative = [k for k, c in zip(kept, coefficients) if c < 0]
+        if not negative:
+            break
+        kept.remove(negative[0])
+    values = dict.fromkeys(STEP_TERMS, 0.0) | dict(zip(kept, coefficients))
+    return StepFit(**values)
+
+
+def fit_transfer(samples: list[tuple[int, float]]) -> TransferFit:
+    latency, per_byte = _least_squares([[1.0, b] for b, _ in samples], [s for _, s in samples])
+    if latency < 0:
+        return TransferFit(0.0, _least_squares([[b] for b, _ in samples],
+                                               [s for _, s in samples])[0])
+    return TransferFit(latency, max(0.0, per_byte))
+
+
+def _least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
+    import numpy as np
+    solution, *_ = np.linalg.lstsq(np.array(rows, dtype=float), np.array(targets, dtype=float),
+                                   rcond=None)
+    return [float(x) for x in solution]
