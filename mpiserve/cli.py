@@ -59,7 +59,13 @@ class _ShowDefaults(argparse.HelpFormatter):
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
+# A job's ranks load nothing before MPI starts that the job does not use: with the simulator's
+# modules imported first, MPI_Init of a two-node srun job failed (a garbled PMI2 request).
+JOB_COMMANDS = ("run", "serve")
+
+
+def build_parser(simulator: bool = True) -> argparse.ArgumentParser:
+    """`simulator`: include simulate, plan and profile (left out for a job's ranks)."""
     parser = argparse.ArgumentParser(prog="mpiserve", description="Serve LLMs as one MPI job.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve a batch file (start with mpiexec -n 1+P+D)",
@@ -88,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve one workload (seeded prompts, Poisson arrivals) "
                            "with each router in turn; write strategies.json, .md and plots.")
     bench_arguments(bench)
+    if simulator:
+        _simulator_commands(sub)
+    return parser
+
+
+def _simulator_commands(sub) -> None:
     from .sim.simulate_command import add_arguments as simulate_arguments
     simulate = sub.add_parser("simulate", help="the same routers and workloads as bench, on "
                               "simulated engines with a virtual clock (seconds of CPU)",
@@ -109,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Time short engine steps of the real engine "
                              "in-process and fit the simulator's step-time model.")
     profile_arguments(profile)
-    return parser
 
 
 def _job_arguments(job: argparse.ArgumentParser) -> None:
@@ -156,7 +167,7 @@ def _job_arguments(job: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(simulator=not argv or argv[0] not in JOB_COMMANDS).parse_args(argv)
     try:
         if args.command == "bench":
             from .bench.serving import run_bench
