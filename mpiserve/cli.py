@@ -151,6 +151,9 @@ def _job_arguments(job: argparse.ArgumentParser) -> None:
     job.add_argument("--request-timeout", type=float, default=600.0,
                      help="seconds a request's router may take; then the request is aborted "
                           "on the engines and answered with a request_timeout error")
+    job.add_argument("--mpi-start-timeout", type=float, default=300.0,
+                     help="seconds a rank may wait in MPI_Init (a launcher whose start-up "
+                          "failed can leave it waiting forever); then the rank exits 1")
     job.add_argument("--bind-interface", metavar="NAME",
                      help="network interface whose address rank 0 offers the other ranks for "
                           "the data plane (default: chosen from the subnet the nodes share; "
@@ -210,7 +213,8 @@ def job_options(args):
         record_itl=getattr(args, "record_itl", False), dashboard=args.dashboard,
         run_dir=args.run_dir, transfer_timeout_s=args.transfer_timeout,
         heartbeat_timeout_s=args.heartbeat_timeout, request_timeout_s=args.request_timeout,
-        fail_transfers=args.fail_transfers, engine=engine_config(args), serve=serve)
+        fail_transfers=args.fail_transfers, mpi_start_timeout_s=args.mpi_start_timeout,
+        engine=engine_config(args), serve=serve)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import signal
 import sys
 import time
@@ -43,6 +44,7 @@ class JobOptions:
     heartbeat_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
     fail_transfers: int = 0
+    mpi_start_timeout_s: float = 300.0
     engine: EngineConfig = EngineConfig()
     serve: ServeOptions | None = None     # set for `mpiserve serve`
 
@@ -69,7 +71,7 @@ def _defer_stop_signals() -> None:
 
 def run_job(options: JobOptions) -> int:
     _defer_stop_signals()                 # before MPI init, model load, data plane bring-up
-    from mpi4py import MPI
+    MPI = _start_mpi(options.mpi_start_timeout_s)
     try:
         return _run_rank(MPI.COMM_WORLD, options)
     finally:
@@ -77,6 +79,21 @@ def run_job(options: JobOptions) -> int:
         # (1 run in ~10, exit 0, no PMI barrier) made hydra SIGKILL the finalizing engines
         if not MPI.Is_finalized():
             MPI.Finalize()
+
+
+def _start_mpi(timeout_s: float):
+    """Import mpi4py, which runs MPI_Init, and return its MPI module; past `timeout_s` the rank
+    prints where it waited ("Timeout" and this function's frame) and exits 1.
+
+    MPI_Init can wait forever: a launcher whose own start-up failed (seen: srun's PMI2 exchange
+    garbled) leaves the ranks spinning in it. It holds the GIL, so the bound is faulthandler's
+    watchdog, a C thread that needs none."""
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        from mpi4py import MPI
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return MPI
 
 
 def _run_rank(comm, options: JobOptions) -> int:
