@@ -34,6 +34,7 @@ from mpiserve.dashboard.report import PLOTS_MISSING
 from mpiserve.dashboard.snapshot import Collector, percentile
 from mpiserve.dashboard.terminal import find_terminal, terminal_size
 from mpiserve.dashboard.view import plain_line, render, sparkline
+from mpiserve.engine.step_timings import samples_of
 from mpiserve.router.batch_runner import BatchTally
 
 BIN = Path(sys.executable).parent
@@ -420,7 +421,22 @@ def check_run_dir(run_dir: Path, records: int) -> dict:
     for name in PLOTS:
         data = (run_dir / name).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_SIGNATURE), name
+    check_step_timings(run_dir, summary)
     return summary
+
+
+def check_step_timings(run_dir: Path, summary: dict) -> None:
+    """steps.json holds every step each engine ran (a short job is under the sample's
+    capacity): its tokens add up to the engine's counters, its seconds to its busy time."""
+    assert summary["steps"] == "steps.json"
+    engines = json.loads((run_dir / "steps.json").read_text())["engines"]
+    for rank, figures in summary["engines"].items():
+        assert "step_timings" not in figures
+        steps = samples_of(engines[rank])
+        assert len(steps) == engines[rank]["seen"] > 0
+        assert sum(s["prefill_tokens"] for s in steps) == figures["prefill_tokens"]
+        assert sum(s["decode_seqs"] for s in steps) == figures["decode_tokens"]
+        assert 0 < sum(s["seconds"] for s in steps) <= figures["busy_s"] + 1e-6
 
 
 @pytest.mark.mpi

@@ -1,15 +1,23 @@
 """`mpiserve profile` on a real (tiny) engine: the samples cover every step kind the fit needs,
-and the profile it writes drives `mpiserve simulate`."""
+and the profile it writes drives `mpiserve simulate`; `--from-run` fits the step model to the
+steps real jobs timed (their run directories' steps.json)."""
 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from mpiserve.bench.bench_model import QUICK, bench_model_dir
+from mpiserve.dashboard.report import STEPS_FILE, write_step_timings
+from mpiserve.engine.step_timings import StepTimings, samples_of
 from mpiserve.sim.profile_command import PREFILL_LENGTHS
-from mpiserve.sim.profiled_cost import STEP_TERMS, ProfiledCost
+from mpiserve.sim.profiled_cost import STEP_TERMS, ProfiledCost, StepFit, TransferFit
+from mpiserve.sim.step_shape import StepShape
 
 
 def mpiserve(*words: str) -> subprocess.CompletedProcess:
@@ -40,3 +48,81 @@ def test_profile_of_a_real_engine_drives_a_simulation(tmp_path):
              "--requests", "6", "--profile", str(profile), "--out", str(tmp_path))
     (row,) = json.loads((tmp_path / "strategies.json").read_text())
     assert row["simulated"] and row["completed"] == 6 and row["mean_jct"] > 0
+
+
+# ---- --from-run: the step model fitted to steps that real jobs timed ------------------------
+KNOWN = StepFit(intercept_s=0.004, per_prefill_token_s=2e-4, per_decode_seq_s=1e-3,
+                per_context_token_s=5e-7, per_attention_pair_s=1e-9)
+
+
+def run_dir_with_steps(path: Path, tp: int = 1) -> Path:
+    """A run directory whose steps.json holds steps that cost exactly `KNOWN`, as a job's rank 0
+    writes it."""
+    rng = random.Random(3)
+    timings = StepTimings(StepShape._fields)
+    for _ in range(60):
+        prefill, decode = rng.choice([0, 16, 300, 1000]), rng.randrange(0, 20)
+        context = prefill + decode * rng.randrange(10, 900)
+        shape = StepShape(prefill, decode, context, prefill * prefill // 2 + context, decode)
+        timings.add(shape, KNOWN(shape))
+    stats = {1: {"role": "decode", "host": "h", "tp": tp, "step_timings": timings.to_json()}}
+    path.mkdir()
+    assert write_step_timings(path / STEPS_FILE, stats)
+    return path
+
+
+def base_profile(path: Path) -> Path:
+    base = ProfiledCost(StepFit(1.0, 0.0, 0.0, 0.0), TransferFit(1e-4, 5e-10),
+                        kv_bytes_per_token=4096, pages=512, source="base on cpu")
+    path.write_text(json.dumps(base.to_json()))
+    return path
+
+
+def test_from_run_fits_the_steps_of_the_jobs_and_keeps_the_rest_of_the_base(tmp_path):
+    runs = [run_dir_with_steps(tmp_path / name) for name in ("a.run", "b.run")]
+    out = tmp_path / "in-job.json"
+    mpiserve("profile", "--from-run", *map(str, runs), "--base",
+             str(base_profile(tmp_path / "base.json")), "--out", str(out))
+    fitted = ProfiledCost.load(out)
+    for term in STEP_TERMS:
+        assert getattr(fitted.step, term) == pytest.approx(getattr(KNOWN, term), rel=1e-3,
+                                                           abs=1e-11), term
+    assert fitted.transfer == TransferFit(1e-4, 5e-10)
+    assert (fitted.pages, fitted.kv_bytes_per_token) == (512, 4096)
+    assert "120 job steps" in fitted.source
+    assert len(json.loads(out.read_text())["samples"]) == 120
+
+
+@pytest.mark.parametrize("case", ["no steps.json", "other TP", "no base"])
+def test_from_run_errors_name_what_is_wrong(tmp_path, case):
+    run = tmp_path / "job.run"
+    base = ["--base", str(base_profile(tmp_path / "base.json"))]
+    if case == "no steps.json":
+        run.mkdir()
+    else:
+        run_dir_with_steps(run, tp=2 if case == "other TP" else 1)
+    if case == "no base":
+        base = []
+    done = subprocess.run([sys.executable, "-m", "mpiserve.cli", "profile", "--from-run",
+                           str(run), *base, "--out", str(tmp_path / "p.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    expected = {"no steps.json": f"{run / STEPS_FILE}: missing",
+                "other TP": "engines of tensor-parallel size 2",
+                "no base": "--from-run needs --base"}[case]
+    assert expected in done.stderr, done.stderr
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_step_timings_keep_every_step_up_to_capacity_then_a_uniform_sample():
+    timings = StepTimings(["n"], capacity=100, seed=1)
+    for step in range(10_000):
+        timings.add([step], 0.001)
+    kept = [row[0] for row in timings.rows]
+    assert timings.seen == 10_000 and len(kept) == 100 == len(set(kept))
+    assert 2_000 < sum(kept) / len(kept) < 8_000            # not only the first steps
+    assert sum(k >= 5_000 for k in kept) > 25
+    few = StepTimings(["n"], capacity=100)
+    for step in range(7):
+        few.add([step], 0.5)
+    assert samples_of(few.to_json()) == [{"n": step, "seconds": 0.5} for step in range(7)]

@@ -2,14 +2,18 @@
 served by real `mpiexec` jobs and by simulated engines with a profile of this machine's engine.
 
     python -m mpiserve.bench.sim_validation [--workloads long,chat] [--routers LIST]
-        [--num-requests 16] [--profile FILE] [--out results]
+        [--num-requests 16] [--profile FILE] [--step-fit alone|in-job] [--out results]
 
 Three public commands, run in turn: `mpiserve profile` on the benchmark model (unless
 `--profile` gives one), then for each workload `mpiserve bench` (measured) and
 `mpiserve simulate --profile` (simulated) with the same routers, rates, request count and
-seed. Their strategies.json rows are joined on (workload, router, rate) and compared on mean
-JCT and mean TTFT. Writes `sim_validation.json` and `sim_validation.md` to `--out`; the
-commands' own outputs stay in `--work-dir` (default: a temporary directory, removed).
+seed. With `--step-fit in-job`, each workload is simulated with the step model refitted
+(`mpiserve profile --from-run`) to the steps the other workloads' measured jobs timed, so the
+cost of a step inside a job (ranks sharing cores, the engine loop) is in the model while no
+job predicts itself. Their strategies.json rows are joined on (workload, router, rate) and
+compared on mean JCT and mean TTFT. Writes `sim_validation.json` and `.md`
+(`sim_validation_in_job.*` with `--step-fit in-job`) to `--out`; the commands' own outputs
+stay in `--work-dir` (default: a temporary directory, removed).
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from .serving import SEED, mpiserve_command, resolve_model
 ALL_ROUTERS = "round_robin,pd,balanced_pd:0.1,balanced_pd:auto,prefix_aware,adaptive"
 RATES = {"long": "0.3", "chat": "2", "shared_prefix": "2"}
 COMPARED = ("mean_jct", "mean_ttft")
+STEP_FITS = {
+    "alone": "Step times: fitted to steps of one engine timed alone, in-process "
+             "(`mpiserve profile --model`).",
+    "in-job": "Step times: for each workload, fitted to the steps that the measured jobs of the "
+              "other workloads timed (`mpiserve profile --from-run`, their run directories' "
+              "steps.json); KV-copy times from `mpiserve profile --model`."}
 
 
 def say(message: str) -> None:
@@ -98,9 +108,10 @@ def markdown(report: dict) -> str:
              "real `mpiexec -n 3` job (1 prefill + 1 decode engine, `mpiserve bench`) and once "
              "by simulated engines whose step and KV-copy times come from `mpiserve profile` "
              "of the same model on this machine (`mpiserve simulate --profile`). Error = "
-             "(simulated - measured) / measured.", "",
-             f"Profile ({report['profile_fit']['source']}): {fit_text(report['profile_fit'])}.",
-             "",
+             "(simulated - measured) / measured.", "", STEP_FITS[report["step_fit"]], ""]
+    for workload, fit in report["profile_fits"].items():
+        lines += [f"Profile for `{workload}` ({fit['source']}): {fit_text(fit)}.", ""]
+    lines += [
              "| workload | router | rate | mean JCT measured | simulated | error "
              "| mean TTFT measured | simulated | error |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -122,6 +133,10 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=SEED, help="workload seed")
     parser.add_argument("--profile", help="a profile from `mpiserve profile` (default: "
                         "measure the benchmark model now)")
+    parser.add_argument("--step-fit", choices=["alone", "in-job"], default="alone",
+                        help="alone: the step model of --profile (steps timed in-process); "
+                             "in-job: for each workload, refitted to the steps the measured "
+                             "jobs of the other workloads timed (default %(default)s)")
     parser.add_argument("--out", default="results", help="output directory")
     parser.add_argument("--work-dir", help="keep the commands' outputs and logs here")
     return parser.parse_args(argv)
@@ -140,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report["command"] = "python -m mpiserve.bench.sim_validation " + shlex.join(argv)
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    write_report(Path(args.out), "sim_validation", report, markdown(report))
+    name = "sim_validation" if args.step_fit == "alone" else "sim_validation_in_job"
+    write_report(Path(args.out), name, report, markdown(report))
     say(f"largest error: mean JCT {report['worst_mean_jct_error']}, mean TTFT "
         f"{report['worst_mean_ttft_error']}")
     return 0
@@ -153,23 +169,44 @@ def validate(args, work: Path) -> dict:
     if not args.profile:
         run_step([*mpiserve, "profile", "--model", model, "--out", str(profile)],
                  work / "profile.log")
-    rows = []
-    for workload in args.workloads.split(","):
-        common = ["--workload", workload, "--routers", args.routers,
-                  "--rates", RATES.get(workload, "1"), "--num-requests",
-                  str(args.num_requests), "--seed", str(args.seed)]
-        measured, simulated = work / f"{workload}-measured", work / f"{workload}-simulated"
-        run_step([*mpiserve, "bench", *common, "--out", str(measured)],
-                 work / f"{workload}-bench.log")
-        run_step([*mpiserve, "simulate", *common, "--profile", str(profile),
+    workloads = args.workloads.split(",")
+    common = {w: ["--workload", w, "--routers", args.routers, "--rates", RATES.get(w, "1"),
+                  "--num-requests", str(args.num_requests), "--seed", str(args.seed)]
+              for w in workloads}
+    for workload in workloads:
+        run_step([*mpiserve, "bench", *common[workload],
+                  "--out", str(work / f"{workload}-measured"),
+                  "--work-dir", str(work / f"{workload}-runs")], work / f"{workload}-bench.log")
+    rows, fits = [], {}
+    for workload in workloads:
+        used = profile if args.step_fit == "alone" else \
+            _in_job_profile(mpiserve, work, profile, workload, [w for w in workloads
+                                                                if w != workload])
+        simulated = work / f"{workload}-simulated"
+        run_step([*mpiserve, "simulate", *common[workload], "--profile", str(used),
                   "--out", str(simulated)], work / f"{workload}-simulate.log")
-        rows += compare(rows_of(measured / "strategies.json"),
+        rows += compare(rows_of(work / f"{workload}-measured" / "strategies.json"),
                         rows_of(simulated / "strategies.json"))
-    fit = json.loads(profile.read_text())
-    return {"rows": rows, "profile_fit": {"step": fit["step"], "transfer": fit["transfer"],
-                                          "source": fit.get("source")},
+        fit = json.loads(used.read_text())
+        fits[workload] = {"step": fit["step"], "transfer": fit["transfer"],
+                          "source": fit.get("source")}
+    return {"rows": rows, "step_fit": args.step_fit, "profile_fits": fits,
             "worst_mean_jct_error": worst(rows, "mean_jct"),
             "worst_mean_ttft_error": worst(rows, "mean_ttft")}
+
+
+def _in_job_profile(mpiserve: list[str], work: Path, base: Path, workload: str,
+                    others: list[str]) -> Path:
+    """A profile whose step model is fitted to the steps the measured jobs of the `others`
+    workloads timed: the jobs being predicted take no part in their own prediction."""
+    if not others:
+        raise SystemExit("sim_validation: --step-fit in-job needs two workloads or more (each "
+                         "is predicted from the others' jobs)")
+    runs = sorted(str(d) for w in others for d in (work / f"{w}-runs").glob("*.run"))
+    out = work / f"{workload}-profile-from-jobs.json"
+    run_step([*mpiserve, "profile", "--from-run", *runs, "--base", str(base), "--out", str(out)],
+             work / f"{workload}-profile-from-jobs.log")
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from ..engine.engine import Engine
 from ..engine.sequence import Sequence
+from ..engine.step_timings import StepTimings
 from ..errors import MpiserveError
+from ..sim.step_shape import StepShape
 from .backoff import Backoff
 from .call_checks import send_range
 from .control import ControlChannel
@@ -82,6 +84,8 @@ class EngineWorker:
         self._next_key = 0                               # names announcements to followers
         self.host = socket.gethostname()
         self.busy_s = 0.0                                # time spent in engine steps
+        self.step_timings = StepTimings(StepShape._fields)
+        self._step_shape: StepShape | None = None        # the running step's, once scheduled
         self._next_stats = 0.0
 
     # ---- main loop --------------------------------------------------------------------------
@@ -92,9 +96,7 @@ class EngineWorker:
             busy |= self._retry_reservations()
             busy |= self._poll_transfers()
             if self.engine.has_work:
-                started = time.monotonic()
-                self._step()
-                self.busy_s += time.monotonic() - started
+                self._timed_step()
                 busy = True
             self._report_stats()
             if busy:
@@ -194,6 +196,7 @@ class EngineWorker:
         """Before the forward pass: announce, per receiver, the pieces of the transfers whose
         prefill advances in this step; after each layer: send that layer of every piece, so the
         KV streams while the remaining layers and the next prefill steps compute."""
+        self._step_shape = StepShape.of(chunks)
         kv = self.engine.kv
         by_dest: dict[int, list] = {}
         for chunk in chunks:
@@ -359,6 +362,15 @@ class EngineWorker:
             self._reply(TokenBatch([ended]))
         self._reply(Reply(call.call_id))
 
+    def _timed_step(self) -> None:
+        self._step_shape = None
+        started = time.monotonic()
+        self._step()
+        seconds = time.monotonic() - started
+        self.busy_s += seconds
+        if self._step_shape is not None:                 # None: nothing was scheduled
+            self.step_timings.add(self._step_shape, seconds)
+
     def _step(self) -> None:
         events = [e for e in self.engine.step(self._layer_hook) if not self._sent_off(e.seq)]
         updates = self.generations.updates(events)
@@ -399,5 +411,6 @@ class EngineWorker:
         """The engine's last control message (after `run`): its final stats, with the number
         of heartbeats rank 0 must receive before it can finalize MPI."""
         self._reply(StatsSnapshot(self.rank, {**self.stats(), "final": True,
-                                              "heartbeats_sent": heartbeats_sent}))
+                                              "heartbeats_sent": heartbeats_sent,
+                                              "step_timings": self.step_timings.to_json()}))
         self.control.flush()

@@ -1,5 +1,6 @@
 """The run report: `summary.json` (configuration, per-engine figures, totals, latencies),
-`timeline.csv` (throughput and engine utilization per interval) and PNG plots (latency CDFs,
+`timeline.csv` (throughput and engine utilization per interval), `steps.json` (a sample of each
+engine's timed steps) and PNG plots (latency CDFs,
 throughput over time, engine utilization) in the run directory.
 Plots need matplotlib (the `plots` extra); without it the summary says so."""
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .snapshot import JobSnapshot, TimelinePoint, latency_summaries
 
+STEPS_FILE = "steps.json"
 MAX_LISTED = 100                 # errors and failed transfers kept in the summary
 PLOTS_MISSING = "plots skipped: matplotlib is not installed (pip install 'mpiserve[plots]')"
 
@@ -25,6 +27,8 @@ def write_report(run_dir: Path, info: Mapping, snap: JobSnapshot, stats: Mapping
     summary = build_summary(info, snap, stats, tally, failed_transfers)
     write_timeline(run_dir / "timeline.csv", timeline)
     summary["timeline"] = "timeline.csv"
+    if write_step_timings(run_dir / STEPS_FILE, stats):
+        summary["steps"] = STEPS_FILE
     summary.update(write_plots(run_dir, tally.latencies, timeline, info))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
@@ -46,7 +50,7 @@ def build_summary(info: Mapping, snap: JobSnapshot, stats: Mapping[int, Mapping]
 
 
 def engine_figures(stats: Mapping, wall_s: float) -> dict:
-    figures = {key: value for key, value in stats.items() if key != "time"}
+    figures = {key: value for key, value in stats.items() if key not in ("time", "step_timings")}
     queried = stats.get("prefix_query_tokens", 0)
     figures["prefix_hit_rate"] = stats.get("prefix_hit_tokens", 0) / queried if queried else None
     figures["busy_fraction"] = min(1.0, stats.get("busy_s", 0) / wall_s) if wall_s > 0 else None
@@ -68,6 +72,17 @@ def totals(snap: JobSnapshot, stats: Mapping[int, Mapping], tally,
         "engine_transfer_failures": engine_sum("transfers_failed"),
         "fallbacks": engine_sum("fallbacks"),
     }
+
+
+def write_step_timings(path: Path, stats: Mapping[int, Mapping]) -> bool:
+    """The engines' samples of timed steps (`engine.step_timings`), by rank, for `mpiserve
+    profile --from-run`; False (nothing written) when no engine sent one."""
+    engines = {str(rank): {"role": s.get("role"), "host": s.get("host"), "tp": s.get("tp"),
+                           **s["step_timings"]}
+               for rank, s in sorted(stats.items()) if "step_timings" in s}
+    if engines:
+        path.write_text(json.dumps({"engines": engines}) + "\n")
+    return bool(engines)
 
 
 def write_timeline(path: Path, timeline: Sequence[TimelinePoint]) -> None:

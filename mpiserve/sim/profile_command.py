@@ -1,6 +1,7 @@
 """`mpiserve profile`: measure this machine's engine for the simulator.
 
     mpiserve profile --model DIR --out profile.json
+    mpiserve profile --from-run RUN_DIR... --base profile.json --out in-job.json
 
 Builds the real engine in-process (as `mpiserve.LLM` does), times short steps of known shape
 — prefill-only steps of several lengths, decode steps of several batch sizes and context
@@ -19,13 +20,15 @@ the built-in demo model on a CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
 import time
 from pathlib import Path
 
-from .profiled_cost import STEP_TERMS, ProfiledCost, StepFit, TransferFit
+from .profiled_cost import STEP_TERMS, ProfiledCost, ProfileError, StepFit, TransferFit
+from .run_steps import run_step_samples
 from .step_shape import StepShape
 
 # Prompts prefilled in one step, as mpiserve run's default budget (1024 tokens) cuts them; the
@@ -44,6 +47,12 @@ def say(message: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="checkpoint directory (default: the built-in demo "
                         "model)")
+    parser.add_argument("--from-run", nargs="+", metavar="RUN_DIR",
+                        help="fit the step model to the steps real jobs timed (their run "
+                             "directories' steps.json) instead of timing steps alone; the rest "
+                             "of the profile (KV copy, pages, model) comes from --base")
+    parser.add_argument("--base", help="with --from-run: a profile from `mpiserve profile "
+                        "--model` of the same model and machine")
     parser.add_argument("--out", required=True, help="the JSON profile to write")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--torch-threads", type=int, default=1,
@@ -56,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_profile(args) -> int:
+    if args.from_run:
+        return _profile_from_runs(args)
     from ..engine.engine import Engine
     from ..engine.engine_config import EngineConfig
     started = time.perf_counter()
@@ -81,14 +92,38 @@ def run_profile(args) -> int:
             "measured_s": round(time.perf_counter() - started, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
-    say(f"wrote {args.out}: step = {step.intercept_s * 1e3:.2f} ms + "
-        f"{step.per_prefill_token_s * 1e6:.1f} us/prefill token + "
-        f"{step.per_decode_seq_s * 1e6:.1f} us/decode seq + "
-        f"{step.per_context_token_s * 1e9:.1f} ns/context token + "
-        f"{step.per_attention_pair_s * 1e12:.1f} ps/attention pair; KV copy "
+    say(f"wrote {args.out}: step = {_step_text(step)}; KV copy "
         f"{transfer.latency_s * 1e6:.0f} us + {transfer.per_byte_s * 1e12:.1f} ps/byte "
         f"({data['measured_s']} s)")
     return 0
+
+
+def _profile_from_runs(args) -> int:
+    if not args.base:
+        say("error: --from-run needs --base, a profile of the same model and machine")
+        return 2
+    try:
+        base = ProfiledCost.load(args.base)
+        samples = run_step_samples(args.from_run, base.tp)
+    except ProfileError as exc:
+        say(f"error: {exc}")
+        return 2
+    step = fit_step(samples)
+    source = f"{base.source}, steps of {len(samples)} job steps ({', '.join(args.from_run)})"
+    profile = dataclasses.replace(base, step=step, source=source)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({**profile.to_json(), "samples": samples},
+                                         indent=1) + "\n")
+    say(f"wrote {args.out}: step = {_step_text(step)}, fitted to {len(samples)} steps")
+    return 0
+
+
+def _step_text(step: StepFit) -> str:
+    return (f"{step.intercept_s * 1e3:.2f} ms + "
+            f"{step.per_prefill_token_s * 1e6:.1f} us/prefill token + "
+            f"{step.per_decode_seq_s * 1e6:.1f} us/decode seq + "
+            f"{step.per_context_token_s * 1e9:.1f} ns/context token + "
+            f"{step.per_attention_pair_s * 1e12:.1f} ps/attention pair")
 
 
 # ---- measuring ---------------------------------------------------------------------------------
