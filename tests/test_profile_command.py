@@ -55,8 +55,8 @@ KNOWN = StepFit(intercept_s=0.004, per_prefill_token_s=2e-4, per_decode_seq_s=1e
                 per_context_token_s=5e-7, per_attention_pair_s=1e-9)
 
 
-def run_dir_with_steps(path: Path, tp: int = 1) -> Path:
-    """A run directory whose steps.json holds steps that cost exactly `KNOWN`, as a job's rank 0
+def run_dir_with_steps(path: Path, tp: int = 1, cost: StepFit = KNOWN) -> Path:
+    """A run directory whose steps.json holds steps that cost exactly `cost`, as a job's rank 0
     writes it."""
     rng = random.Random(3)
     timings = StepTimings(StepShape._fields)
@@ -64,24 +64,38 @@ def run_dir_with_steps(path: Path, tp: int = 1) -> Path:
         prefill, decode = rng.choice([0, 16, 300, 1000]), rng.randrange(0, 20)
         context = prefill + decode * rng.randrange(10, 900)
         shape = StepShape(prefill, decode, context, prefill * prefill // 2 + context, decode)
-        timings.add(shape, KNOWN(shape))
+        timings.add(shape, cost(shape))
     stats = {1: {"role": "decode", "host": "h", "tp": tp, "step_timings": timings.to_json()}}
     path.mkdir()
     assert write_step_timings(path / STEPS_FILE, stats)
     return path
 
 
-def base_profile(path: Path) -> Path:
-    base = ProfiledCost(StepFit(1.0, 0.0, 0.0, 0.0), TransferFit(1e-4, 5e-10),
-                        kv_bytes_per_token=4096, pages=512, source="base on cpu")
+FLAT = StepFit(1.0, 0.0, 0.0, 0.0)
+
+
+def base_profile(path: Path, step: StepFit = FLAT) -> Path:
+    base = ProfiledCost(step, TransferFit(1e-4, 5e-10), kv_bytes_per_token=4096, pages=512,
+                        source="base on cpu")
     path.write_text(json.dumps(base.to_json()))
     return path
 
 
-def test_from_run_fits_the_steps_of_the_jobs_and_keeps_the_rest_of_the_base(tmp_path):
+def test_from_run_scales_the_base_by_what_the_jobs_steps_took(tmp_path):
+    slower = StepFit(*(getattr(KNOWN, term) * 1.25 for term in STEP_TERMS))
+    out = tmp_path / "in-job.json"
+    mpiserve("profile", "--from-run", str(run_dir_with_steps(tmp_path / "a.run", cost=slower)),
+             "--base", str(base_profile(tmp_path / "base.json", KNOWN)), "--out", str(out))
+    fitted = ProfiledCost.load(out)
+    for term in STEP_TERMS:
+        assert getattr(fitted.step, term) == pytest.approx(getattr(slower, term), rel=1e-4), term
+    assert "the base step model x 1.250, from 60 steps of jobs (a.run)" in fitted.source
+
+
+def test_from_run_refits_every_term_and_keeps_the_rest_of_the_base(tmp_path):
     runs = [run_dir_with_steps(tmp_path / name) for name in ("a.run", "b.run")]
     out = tmp_path / "in-job.json"
-    mpiserve("profile", "--from-run", *map(str, runs), "--base",
+    mpiserve("profile", "--from-run", *map(str, runs), "--fit", "terms", "--base",
              str(base_profile(tmp_path / "base.json")), "--out", str(out))
     fitted = ProfiledCost.load(out)
     for term in STEP_TERMS:
@@ -89,7 +103,7 @@ def test_from_run_fits_the_steps_of_the_jobs_and_keeps_the_rest_of_the_base(tmp_
                                                            abs=1e-11), term
     assert fitted.transfer == TransferFit(1e-4, 5e-10)
     assert (fitted.pages, fitted.kv_bytes_per_token) == (512, 4096)
-    assert "120 job steps" in fitted.source
+    assert "every term refitted, from 120 steps of jobs (a.run, b.run)" in fitted.source
     assert len(json.loads(out.read_text())["samples"]) == 120
 
 

@@ -7,7 +7,7 @@ served by real `mpiexec` jobs and by simulated engines with a profile of this ma
 Three public commands, run in turn: `mpiserve profile` on the benchmark model (unless
 `--profile` gives one), then for each workload `mpiserve bench` (measured) and
 `mpiserve simulate --profile` (simulated) with the same routers, rates, request count and
-seed. With `--step-fit in-job`, each workload is simulated with the step model refitted
+seed. With `--step-fit in-job`, each workload is simulated with the step model scaled
 (`mpiserve profile --from-run`) to the steps the other workloads' measured jobs timed, so the
 cost of a step inside a job (ranks sharing cores, the engine loop) is in the model while no
 job predicts itself. Their strategies.json rows are joined on (workload, router, rate) and
@@ -37,9 +37,9 @@ COMPARED = ("mean_jct", "mean_ttft")
 STEP_FITS = {
     "alone": "Step times: fitted to steps of one engine timed alone, in-process "
              "(`mpiserve profile --model`).",
-    "in-job": "Step times: for each workload, fitted to the steps that the measured jobs of the "
-              "other workloads timed (`mpiserve profile --from-run`, their run directories' "
-              "steps.json); KV-copy times from `mpiserve profile --model`."}
+    "in-job": "Step times: for each workload, the step model of `mpiserve profile --model` "
+              "scaled by how much longer the measured jobs of the other workloads took for their "
+              "steps (`mpiserve profile --from-run`, their run directories' steps.json)."}
 
 
 def say(message: str) -> None:
@@ -135,7 +135,7 @@ def parse_args(argv):
                         "measure the benchmark model now)")
     parser.add_argument("--step-fit", choices=["alone", "in-job"], default="alone",
                         help="alone: the step model of --profile (steps timed in-process); "
-                             "in-job: for each workload, refitted to the steps the measured "
+                             "in-job: for each workload, scaled to the steps the measured "
                              "jobs of the other workloads timed (default %(default)s)")
     parser.add_argument("--out", default="results", help="output directory")
     parser.add_argument("--work-dir", help="keep the commands' outputs and logs here")

@@ -1,7 +1,7 @@
 """`mpiserve profile`: measure this machine's engine for the simulator.
 
     mpiserve profile --model DIR --out profile.json
-    mpiserve profile --from-run RUN_DIR... --base profile.json --out in-job.json
+    mpiserve profile --from-run RUN_DIR... --base profile.json [--fit scale|terms] --out F
 
 Builds the real engine in-process (as `mpiserve.LLM` does), times short steps of known shape
 — prefill-only steps of several lengths, decode steps of several batch sizes and context
@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the profile (KV copy, pages, model) comes from --base")
     parser.add_argument("--base", help="with --from-run: a profile from `mpiserve profile "
                         "--model` of the same model and machine")
+    parser.add_argument("--fit", choices=["scale", "terms"], default="scale",
+                        help="with --from-run: scale the base step model by one factor, the "
+                             "jobs' total step time over what it predicts for their steps; or "
+                             "refit every term to the jobs' steps (only as good as the range of "
+                             "step shapes the jobs ran: it extrapolates badly) (default scale)")
     parser.add_argument("--out", required=True, help="the JSON profile to write")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--torch-threads", type=int, default=1,
@@ -105,17 +110,40 @@ def _profile_from_runs(args) -> int:
     try:
         base = ProfiledCost.load(args.base)
         samples = run_step_samples(args.from_run, base.tp)
+        return _write_from_runs(args, base, samples)
     except ProfileError as exc:
         say(f"error: {exc}")
         return 2
-    step = fit_step(samples)
-    source = f"{base.source}, steps of {len(samples)} job steps ({', '.join(args.from_run)})"
+
+
+def _write_from_runs(args, base: ProfiledCost, samples: list[dict]) -> int:
+    if args.fit == "scale":
+        factor = in_job_factor(base.step, samples)
+        step = scaled(base.step, factor)
+        how = f"the base step model x {factor:.3f}"
+    else:
+        step = fit_step(samples)
+        how = "every term refitted"
+    runs = ", ".join(Path(run).name for run in args.from_run)
+    source = f"{base.source}; {how}, from {len(samples)} steps of jobs ({runs})"
     profile = dataclasses.replace(base, step=step, source=source)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**profile.to_json(), "samples": samples},
                                          indent=1) + "\n")
-    say(f"wrote {args.out}: step = {_step_text(step)}, fitted to {len(samples)} steps")
+    say(f"wrote {args.out}: step = {_step_text(step)} ({how}, {len(samples)} steps)")
     return 0
+
+
+def in_job_factor(step: StepFit, samples: list[dict]) -> float:
+    """How much longer the jobs' steps took than `step` predicts for their shapes, in total."""
+    predicted = sum(step(StepShape(**{k: s[k] for k in StepShape._fields})) for s in samples)
+    if predicted <= 0:
+        raise ProfileError("the base profile predicts no time for the jobs' steps")
+    return sum(s["seconds"] for s in samples) / predicted
+
+
+def scaled(step: StepFit, factor: float) -> StepFit:
+    return StepFit(**{term: getattr(step, term) * factor for term in STEP_TERMS})
 
 
 def _step_text(step: StepFit) -> str:
