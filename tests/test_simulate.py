@@ -102,6 +102,25 @@ def test_virtual_time_is_not_wall_time():
         loop.close()
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_cancelled_timer_never_runs(debug):
+    """(A queue that holds a cancelled timer, and debug mode, take asyncio's own loop turn.)"""
+    loop = VirtualClockLoop()
+    loop.set_debug(debug)
+    ran = []
+
+    async def main():
+        loop.call_later(5, ran.append, "cancelled").cancel()
+        loop.call_later(7, ran.append, "kept")
+        await asyncio.sleep(10)
+        return loop.time()
+    try:
+        assert loop.run_until_complete(main()) == pytest.approx(10)
+        assert ran == ["kept"]
+    finally:
+        loop.close()
+
+
 def test_a_thousand_requests_take_simulated_minutes():
     reqs = requests(rate=5.0, count=1000, workload=Workload("tiny", 40, 4, 0.5))
     result = run("round_robin", reqs, prefill=2, decode=2)

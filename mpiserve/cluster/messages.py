@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..engine.sampling_params import SamplingParams
 
@@ -59,8 +60,7 @@ class Reply:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class TokenUpdate:
+class TokenUpdate(NamedTuple):      # a tuple: one per generated token
     """New tokens of one of a start_generate call's samples (sample 0 unless n > 1);
     `finish_reason` is set when that sample finished, `done` when the whole call did."""
     call_id: int

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import InvalidRequestError
 from .page_pool import PagePool
@@ -22,9 +22,10 @@ from .stopping import finish_reason
 # Picks the next token of a sequence whose chunk just completed its computed positions.
 TokenPicker = Callable[[Sequence], int]
 
+SEND_PARAMS = SamplingParams(max_tokens=1)      # of a remote_send's prefill (samples nothing)
 
-@dataclass(frozen=True)
-class TokenEvent:
+
+class TokenEvent(NamedTuple):       # a tuple: one per generated token
     """What one step did for one sequence: a new token, and whether it finished."""
     seq: Sequence
     token: int | None
@@ -49,7 +50,8 @@ class EngineCore:
         """A sequence left the scheduler for good."""
 
     def _text_of(self, seq: Sequence) -> Callable[[list[int]], str] | None:
-        """Turns output ids into text, for stop strings (None: stop strings never match)."""
+        """Turns output ids into text, for stop strings (None: stop strings never match); asked
+        only about sequences that have stop strings."""
         return None
 
     # ---- requests ---------------------------------------------------------------------------
@@ -61,7 +63,10 @@ class EngineCore:
         return seq
 
     def check_tokens(self, seq: Sequence) -> None:
-        bad = next((t for t in seq.prompt if not 0 <= t < self.vocab_size), None)
+        prompt = seq.prompt
+        if prompt and 0 <= min(prompt) and max(prompt) < self.vocab_size:
+            return                                   # the usual case, without a Python loop
+        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(f"request {seq.seq_id!r}: token id {bad} is outside the "
                                       f"vocabulary of {self.vocab_size}")
@@ -127,7 +132,7 @@ class EngineCore:
 
     def prefill_for_send(self, seq_id, prompt: list[int]) -> Sequence:
         """remote_send: compute the KV of `prompt` (prefix cache first), sample nothing."""
-        seq = Sequence(seq_id, prompt, SamplingParams(max_tokens=1), prefill_only=True)
+        seq = Sequence(seq_id, prompt, SEND_PARAMS, prefill_only=True)
         self.check_tokens(seq)
         self.scheduler.add(seq)
         return seq
@@ -170,8 +175,9 @@ class EngineCore:
 
     def _sample_next(self, seq: Sequence, pick: TokenPicker) -> list[TokenEvent]:
         """The sequence's next token; after a request's first, its other n - 1 samples."""
-        forks = seq.params.n > 1 and seq.sample_index == 0 and not seq.output
-        samples = self._fork(seq) if forks else []        # before seq may finish and free
+        if seq.params.n == 1 or seq.sample_index != 0 or seq.output:
+            return [self._append_token(seq, pick(seq))]
+        samples = self._fork(seq)                         # before seq may finish and free
         return [self._append_token(s, pick(s)) for s in [seq, *samples]]
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
@@ -199,8 +205,8 @@ class EngineCore:
         seq.output.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
-        seq.finish_reason = finish_reason(seq, self.eos_ids, self.max_model_len,
-                                          self._text_of(seq))
+        text_of = self._text_of(seq) if seq.params.stop else None
+        seq.finish_reason = finish_reason(seq, self.eos_ids, self.max_model_len, text_of)
         if seq.finish_reason is not None:
             seq.finish_time = time.monotonic()
             self._retire(seq)

@@ -10,25 +10,27 @@ nothing in its output.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..errors import CapacityError, InvalidRequestError
 from .page_pool import ROOT_HASH, PagePool
 from .sequence import Sequence, SequenceStatus
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):            # a tuple: one per scheduled sequence and step
     """Positions [start, start + length) of `seq` computed in one step; `samples` tells whether
-    the step then samples the sequence's next token (fixed when the chunk is scheduled)."""
+    the step then samples the sequence's next token (fixed when the chunk is scheduled, by
+    `Chunk.of`)."""
     seq: Sequence
     start: int
     length: int
-    samples: bool = field(init=False)
+    samples: bool
 
-    def __post_init__(self):
-        object.__setattr__(self, "samples",
-                           self.end == self.seq.num_tokens and not self.seq.prefill_only)
+    @classmethod
+    def of(cls, seq: Sequence, start: int, length: int) -> Chunk:
+        """The chunk of `seq` from `start`, as its tokens stand now."""
+        return cls(seq, start, length,
+                   start + length == seq.num_tokens and not seq.prefill_only)
 
     @property
     def end(self) -> int:
@@ -84,7 +86,7 @@ class Scheduler:
             seq = self.running[i]
             length = min(seq.num_uncomputed, budget)
             if self._grow(seq, seq.num_computed + length):
-                chunks.append(Chunk(seq, seq.num_computed, length))
+                chunks.append(Chunk.of(seq, seq.num_computed, length))
                 budget -= length
                 i += 1
             else:
@@ -166,7 +168,7 @@ class Scheduler:
             return None
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        return Chunk(seq, seq.num_computed, length)
+        return Chunk.of(seq, seq.num_computed, length)
 
     def _grow(self, seq: Sequence, upto: int) -> bool:
         need = self.pool.pages_for(upto) - len(seq.page_ids)

@@ -36,8 +36,7 @@ class Cluster:
 
     def least_loaded(self, engines: list[EngineHandle] | None = None) -> EngineHandle:
         """The engine with the fewest active requests, then the least queued prefill."""
-        pool = engines or self.engines
-        return min(pool, key=lambda e: (e.load.active, e.load.queued_prefill, e.rank))
+        return min(engines or self.engines, key=_load_order)
 
     def cached_prefix(self, engine: EngineHandle, request: Request) -> int:
         """Prompt tokens `engine` likely holds already (whole pages; an estimate)."""
@@ -67,7 +66,10 @@ class Cluster:
 
     # ---- used by the runtime and the handles --------------------------------------------------
     def trace(self, request: Request) -> RequestTrace:
-        return self._traces.setdefault(request.id, RequestTrace())
+        trace = self._traces.get(request.id)
+        if trace is None:                    # (not setdefault: no RequestTrace per call)
+            trace = self._traces[request.id] = RequestTrace()
+        return trace
 
     @property
     def engine_stats(self) -> dict[int, dict]:
@@ -128,3 +130,9 @@ class Cluster:
         touched = self.trace(request).engines
         for engine in [e for e in self.engines if e.rank in touched]:
             await engine.abort(request)
+
+
+def _load_order(engine: EngineHandle) -> tuple[int, int, int]:
+    """least_loaded's order (each engine's load is built once: pd takes two per request)."""
+    load = engine.load
+    return load.active, load.queued_prefill, engine.rank

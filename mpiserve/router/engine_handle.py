@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..cluster.messages import KVAddress, Request, TokenUpdate, TransferDone
 from ..errors import RouterMisuseError
 from .dispatcher import Dispatcher
 
 
-@dataclass(frozen=True)
-class Load:
+class Load(NamedTuple):             # a tuple: least_loaded reads one per engine per request
     """Rank 0's live view of one engine's work."""
     active: int                 # requests generating, sending KV or holding pages on it
     queued_prefill: int         # prompt tokens given to it to prefill, not yet done

@@ -45,7 +45,9 @@ class RequestTrace:
 
     def sample_arrived(self, index: int, tokens: list[int], logprobs: list | None,
                        finish_reason: str | None) -> None:
-        sample = self.samples.setdefault(index, SampleTrace())
+        sample = self.samples.get(index)
+        if sample is None:                   # (not setdefault: no SampleTrace per token)
+            sample = self.samples[index] = SampleTrace()
         sample.tokens.extend(tokens)
         if logprobs is not None:
             if sample.logprobs is None:

@@ -12,8 +12,14 @@ from ..errors import RouterMisuseError
 
 def checked_tokens(chunk, vocab_size: int) -> list[int]:
     """A router's yield must be a list of token ids in [0, vocab_size)."""
-    if type(chunk) is list and all(type(t) is int and 0 <= t < vocab_size for t in chunk):
-        return list(chunk)              # the usual case, checked without the ABCs below
+    # the usual case first, without the ABCs below, and in a loop rather than all() over a
+    # generator: this runs for every yield of every request
+    if type(chunk) is list:
+        for t in chunk:
+            if type(t) is not int or not 0 <= t < vocab_size:
+                break
+        else:
+            return list(chunk)
     if not isinstance(chunk, list | tuple) or not all(
             isinstance(t, Integral) and not isinstance(t, bool) and 0 <= t < vocab_size
             for t in chunk):

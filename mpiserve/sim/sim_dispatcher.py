@@ -12,9 +12,10 @@ from ..router.dispatcher import EngineFailure
 
 
 class TokenStream:
-    """A start_generate's updates for its one reader: the `put_nowait` and `get` of the
-    asyncio.Queue the real dispatcher hands out, without its bookkeeping (a simulation sends
-    one per token, so this is on its hottest path)."""
+    """A start_generate's updates for its one reader: the `put_nowait` and `await get()` of
+    the asyncio.Queue the real dispatcher hands out, without its bookkeeping (a simulation
+    sends one per token, so this is on its hottest path). `get` returns a future rather than
+    a coroutine: the item, or the reader's wait for it, which the next item ends."""
 
     __slots__ = ("_items", "_waiter")
 
@@ -23,16 +24,19 @@ class TokenStream:
         self._waiter: asyncio.Future | None = None
 
     def put_nowait(self, item) -> None:
-        self._items.append(item)
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(item)
+        else:
+            self._items.append(item)
 
-    async def get(self):
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return self._items.popleft()
+    def get(self) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        if self._items:
+            future.set_result(self._items.popleft())
+        else:
+            self._waiter = future
+        return future
 
 
 class SimDispatcher:

@@ -31,6 +31,11 @@ SIM_TOKEN = 0          # every simulated token; the simulator knows no eos, so o
                        # max_tokens (or the context's end)
 
 
+def _pick_sim_token(seq: Sequence) -> int:
+    """The simulated steps' token picker."""
+    return SIM_TOKEN
+
+
 @dataclass(frozen=True)
 class SimEngineConfig:
     """What every simulated engine is built with (as EngineConfig for a real one)."""
@@ -143,7 +148,7 @@ class SimEngine:
             self._report_stats(force=first)
             self._handle_inbox()
             self._retry_reservations()
-            chunks = self.core.scheduler.schedule() if self.core.has_work else None
+            chunks = self.core.scheduler.schedule()
             if not chunks:                       # nothing to do, or pages are short
                 self._report_stats(force=self._dirty)
                 self._pending = None
@@ -183,9 +188,10 @@ class SimEngine:
         self.busy_s += duration
         events = []
         for chunk in chunks:
-            events.extend(self.core.chunk_computed(chunk, lambda seq: SIM_TOKEN))
-        self._send_pieces(chunks)
-        events = [e for e in events if not self._sent_off(e.seq)]
+            events.extend(self.core.chunk_computed(chunk, _pick_sim_token))
+        if self.to_send:                          # only a sender has KV or prefills to see off
+            self._send_pieces(chunks)
+            events = [e for e in events if not self._sent_off(e.seq)]
         self.dispatcher.deliver(self.generations.updates(events))
         self._dirty = True
 

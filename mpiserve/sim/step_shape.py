@@ -22,13 +22,13 @@ class StepShape(NamedTuple):         # a tuple: built once per simulated step
     @classmethod
     def of(cls, chunks: list[Chunk]) -> StepShape:
         prefill = decode = context = pairs = sampled = 0
-        for chunk in chunks:
-            if chunk.start >= len(chunk.seq.prompt):      # as the engine counts decode tokens
-                decode += chunk.length
+        for seq, start, length, samples in chunks:
+            if start >= len(seq.prompt):                  # as the engine counts decode tokens
+                decode += length
             else:
-                prefill += chunk.length
-            context += chunk.end
+                prefill += length
+            context += start + length
             # query at position p attends to keys [0, p]: sum of (p + 1) over the chunk
-            pairs += chunk.length * chunk.start + chunk.length * (chunk.length + 1) // 2
-            sampled += chunk.samples
+            pairs += length * start + length * (length + 1) // 2
+            sampled += samples
         return cls(prefill, decode, context, pairs, sampled)

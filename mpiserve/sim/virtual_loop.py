@@ -6,6 +6,8 @@ take to process."""
 from __future__ import annotations
 
 import asyncio
+import heapq
+from asyncio.base_events import MAXIMUM_SELECT_TIMEOUT
 
 
 class SimulationDeadlock(RuntimeError):
@@ -50,6 +52,30 @@ class VirtualClockLoop(asyncio.BaseEventLoop):
 
     def time(self) -> float:
         return self._now
+
+    def _run_once(self) -> None:
+        """One turn of asyncio's loop, as BaseEventLoop._run_once takes it, without a selector
+        to poll: with nothing ready, wait (the clock jumps to the next timer); make the timers
+        now due ready; run the callbacks ready at this point. A simulation takes two turns per
+        engine step; this spares them the calls that poll without waiting, process (no) I/O
+        events and read the clock. Debug mode, and a queue that holds cancelled timers, take
+        BaseEventLoop's turn (it times callbacks and drops cancelled timers)."""
+        if self._debug or self._timer_cancelled_count:
+            super()._run_once()
+            return
+        ready, scheduled = self._ready, self._scheduled
+        if not ready and not self._stopping:
+            self._selector.select(None if not scheduled else min(
+                max(0, scheduled[0]._when - self._now), MAXIMUM_SELECT_TIMEOUT))
+        due = self._now + self._clock_resolution
+        while scheduled and scheduled[0]._when < due:
+            timer = heapq.heappop(scheduled)
+            timer._scheduled = False
+            ready.append(timer)
+        for _ in range(len(ready)):
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
 
     def advance(self, seconds: float) -> None:
         if seconds > 0:
