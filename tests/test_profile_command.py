@@ -14,10 +14,10 @@ import pytest
 
 from mpiserve.bench.bench_model import QUICK, bench_model_dir
 from mpiserve.dashboard.report import STEPS_FILE, write_step_timings
+from mpiserve.engine.step_shape import StepShape
 from mpiserve.engine.step_timings import StepTimings, samples_of
 from mpiserve.sim.profile_command import PREFILL_LENGTHS
 from mpiserve.sim.profiled_cost import STEP_TERMS, ProfiledCost, StepFit, TransferFit
-from mpiserve.sim.step_shape import StepShape
 
 
 def mpiserve(*words: str) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ from mpiserve.bench.metrics import summarize
 from mpiserve.bench.workloads import WORKLOADS, Workload
 from mpiserve.cluster.messages import Request
 from mpiserve.engine.sampling_params import SamplingParams
+from mpiserve.engine.step_shape import StepShape
 from mpiserve.model.model_config import ModelConfig
 from mpiserve.router.cluster import Cluster
 from mpiserve.routers import BUILTIN_ROUTERS
@@ -25,7 +26,6 @@ from mpiserve.sim.roofline_cost import RooflineCost
 from mpiserve.sim.sim_dispatcher import SimDispatcher
 from mpiserve.sim.sim_engine import SimEngineConfig
 from mpiserve.sim.simulation import SimLayout, simulate
-from mpiserve.sim.step_shape import StepShape
 from mpiserve.sim.virtual_loop import VirtualClockLoop
 from mpiserve.sim.workload_input import workload_requests
 

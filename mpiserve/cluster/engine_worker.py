@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from ..engine.engine import Engine
 from ..engine.sequence import Sequence
+from ..engine.step_shape import StepShape
 from ..engine.step_timings import StepTimings
 from ..errors import MpiserveError
-from ..sim.step_shape import StepShape
 from .backoff import Backoff
 from .call_checks import send_range
 from .control import ControlChannel

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..engine.step_shape import StepShape
 from .profiled_cost import STEP_TERMS, ProfiledCost, ProfileError, StepFit, TransferFit
 from .run_steps import run_step_samples
-from .step_shape import StepShape
 
 # Prompts prefilled in one step, as mpiserve run's default budget (1024 tokens) cuts them; the
 # longest is also prefilled in chunks of half its length, so the later chunk reads earlier KV.

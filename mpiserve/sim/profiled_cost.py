@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ..engine.step_shape import StepShape
 from ..errors import MpiserveError
-from .step_shape import StepShape
 
 PROFILE_KIND = "mpiserve-profile"
 STEP_TERMS = ("intercept_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s",

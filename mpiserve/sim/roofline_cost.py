@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..engine.step_shape import StepShape
 from ..errors import MpiserveError
 from ..model.model_config import ModelConfig
 from .hardware import HardwareSpec
-from .step_shape import StepShape
 
 WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
 ACTIVATION_BYTES = 2                   # bf16 activations in the TP all-reduce

@@ -23,9 +23,9 @@ from ..engine.engine_core import EngineCore
 from ..engine.page_pool import PagePool
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence
+from ..engine.step_shape import StepShape
 from ..errors import MpiserveError
 from ..router.dispatcher import EngineCallError, EngineFailure
-from .step_shape import StepShape
 
 SIM_TOKEN = 0          # every simulated token; the simulator knows no eos, so outputs run to
                        # max_tokens (or the context's end)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..engine.scheduler import Chunk
+from .scheduler import Chunk
 
 
-class StepShape(NamedTuple):         # a tuple: built once per simulated step
+class StepShape(NamedTuple):         # a tuple: built once per step (simulated or timed)
     prefill_tokens: int = 0     # positions computed for prompts (chunked prefill included)
     decode_seqs: int = 0        # sequences computing one generated position each
     context_tokens: int = 0     # KV positions the step's attention reads, summed over chunks
