@@ -4,6 +4,7 @@ MPI, no torch)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -61,6 +62,23 @@ def test_every_builtin_router_serves_each_request_once_in_full(router):
     for r in reqs:
         assert bodies[r.custom_id]["usage"]["completion_tokens"] == r.params.max_tokens
         assert bodies[r.custom_id]["metrics"]["jct"] > 0
+
+
+def test_control_latency_delays_each_message_between_rank_0_and_an_engine():
+    """One request on an idle engine: its call and its first token each cross the wire once;
+    under pd, every router call does (and still serves every request in full)."""
+    latency = 0.025
+    delayed = dataclasses.replace(CONFIG, control_latency_s=latency)
+    lone = requests(count=1)
+    at_once, late = run("round_robin", lone), run("round_robin", lone, config=delayed)
+    ttft = [completed(r)[lone[0].custom_id]["metrics"]["ttft"] for r in (at_once, late)]
+    assert ttft[1] == pytest.approx(ttft[0] + 2 * latency)
+    reqs = requests()
+    base, slow = run("pd", reqs), run("pd", reqs, config=delayed)
+    assert slow.failure is None and len(completed(slow)) == len(reqs)
+    for r in reqs:                       # prep_recv, remote_send, start_generate, then a token
+        assert (completed(slow)[r.custom_id]["metrics"]["ttft"]
+                >= completed(base)[r.custom_id]["metrics"]["ttft"] + 4 * latency - 1e-9)
 
 
 def test_same_seed_repeats_exactly_and_round_robin_starts_afresh():

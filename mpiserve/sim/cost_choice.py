@@ -67,4 +67,5 @@ def _config(args, pages: int, vocab_size: int, max_model_len: int) -> SimEngineC
     return SimEngineConfig(page_size=args.page_size, num_pages=pages,
                            max_num_seqs=args.max_num_seqs,
                            max_batch_tokens=args.max_batch_tokens,
-                           max_model_len=max_model_len, vocab_size=vocab_size)
+                           max_model_len=max_model_len, vocab_size=vocab_size,
+                           control_latency_s=args.control_latency)

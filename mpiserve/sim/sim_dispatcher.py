@@ -39,8 +39,38 @@ class TokenStream:
         return future
 
 
+class DelayedWire:
+    """Messages one way between rank 0 and the engines, each arriving `latency_s` after it was
+    sent, in the order sent (one timer for the wire, not one per message)."""
+
+    def __init__(self, latency_s: float):
+        self.latency_s = latency_s
+        self._queue: deque = deque()          # (due time, callback, args), in sending order
+        self._timer: asyncio.TimerHandle | None = None
+
+    def send(self, callback, *args) -> None:
+        if self.latency_s <= 0:
+            callback(*args)
+            return
+        loop = asyncio.get_running_loop()
+        self._queue.append((loop.time() + self.latency_s, callback, args))
+        if self._timer is None:
+            self._timer = loop.call_at(self._queue[0][0], self._arrive)
+
+    def _arrive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue and self._queue[0][0] <= loop.time():
+            _, callback, args = self._queue.popleft()
+            callback(*args)
+        self._timer = loop.call_at(self._queue[0][0], self._arrive) if self._queue else None
+
+
 class SimDispatcher:
-    def __init__(self):
+    """`latency_s`: the one-way delay of every message between rank 0 and an engine (calls,
+    their answers, token updates); 0 delivers at once."""
+
+    def __init__(self, latency_s: float = 0.0):
+        self._to_engines, self._to_router = DelayedWire(latency_s), DelayedWire(latency_s)
         self.engines: dict = {}               # lead rank -> SimEngine
         self.stats: dict[int, dict] = {}
         self.failure: EngineFailure | None = None
@@ -52,14 +82,18 @@ class SimDispatcher:
         if self.failure is not None:
             raise self.failure
         self._next_call += 1
-        self.engines[rank].receive(Call(self._next_call, method, request, args), future)
+        self._to_engines.send(self.engines[rank].receive,
+                              Call(self._next_call, method, request, args), future)
         return self._next_call
 
     async def call(self, rank: int, method: str, request, **args):
-        """A call's single answer: the engine sets the future's result or exception."""
-        future = asyncio.get_running_loop().create_future()
+        """A call's single answer: the engine sets its future's result or exception, which
+        reaches the caller over the wire back."""
+        loop = asyncio.get_running_loop()
+        answer, future = loop.create_future(), loop.create_future()
+        future.add_done_callback(lambda done: self._to_router.send(_pass_on, done, answer))
         self._post(rank, method, request, args, future)
-        return await future
+        return await answer
 
     def stream(self, rank: int, request, **args) -> TokenStream:
         queue = TokenStream()
@@ -68,6 +102,9 @@ class SimDispatcher:
 
     # ---- from the engines ------------------------------------------------------------------
     def deliver(self, updates: list[TokenUpdate]) -> None:
+        self._to_router.send(self._deliver_now, updates)
+
+    def _deliver_now(self, updates: list[TokenUpdate]) -> None:
         for update in updates:
             queue = self._streams.get(update.call_id)
             if queue is None:
@@ -95,3 +132,15 @@ class SimDispatcher:
         self._streams.clear()
         for engine in self.engines.values():
             engine.fail_pending(failure)
+
+
+def _pass_on(done: asyncio.Future, answer: asyncio.Future) -> None:
+    """Give the engine's settled answer to the caller (unless the caller stopped waiting)."""
+    if answer.done():
+        return
+    if done.cancelled():
+        answer.cancel()
+    elif done.exception() is not None:
+        answer.set_exception(done.exception())
+    else:
+        answer.set_result(done.result())

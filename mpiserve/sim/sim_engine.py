@@ -46,6 +46,7 @@ class SimEngineConfig:
     max_model_len: int = 1 << 20
     vocab_size: int = 1 << 20
     stats_interval_s: float = 0.5      # as the real engine's WorkerOptions
+    control_latency_s: float = 0.0     # one-way delay of a message between rank 0 and an engine
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_batch_tokens",

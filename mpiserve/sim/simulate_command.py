@@ -73,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser, layout: bool = True) -> None:
                         help="sequences an engine runs at once (default 64)")
     engine.add_argument("--max-batch-tokens", type=int, default=1024,
                         help="tokens per engine step (default 1024)")
+    engine.add_argument("--control-latency", type=float, default=0.0, metavar="SECONDS",
+                        help="one-way delay of every control message between rank 0 and an "
+                             "engine: calls, their answers and token updates (default 0)")
     engine.add_argument("--tokenizer", help="checkpoint directory whose tokenizer turns a "
                         "file's text prompts into tokens")
     parser.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds for goodput")

@@ -68,7 +68,7 @@ def simulate(requests: list[SimRequest], route, router_name: str, layout: SimLay
 
 async def _simulate(requests, route, router_name, layout, cost, config, router_args,
                     max_inflight) -> SimResult:
-    dispatcher = SimDispatcher()
+    dispatcher = SimDispatcher(config.control_latency_s)
     groups = layout.job().groups
     for g in groups:
         dispatcher.engines[g.lead] = SimEngine(g.lead, g.role, g.size, config, cost, dispatcher)
