@@ -107,9 +107,10 @@ class EngineHandle:
                 update = await queue.get()
                 if isinstance(update, Exception):
                     raise update
-                if work:
+                if work:                          # the prompt is prefilled: its pages are held
                     self._queued_prefill -= work
                     work = 0
+                    self._cluster.prefixes.add(self.rank, request.prompt)
                 self._record(trace, update)
                 yield update.tokens
                 if update.done:
@@ -117,7 +118,6 @@ class EngineHandle:
         finally:
             self._active -= 1
             self._queued_prefill -= work
-        self._cluster.prefixes.add(self.rank, request.prompt)
 
     def _unreserve(self, request: Request) -> None:
         self._cluster.set_reserved(request, self._cluster.trace(request), self.rank, False)
