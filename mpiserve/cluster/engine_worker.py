@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass
 
 from ..engine.engine import Engine
@@ -41,6 +40,7 @@ from .messages import (
     TokenBatch,
     TransferDone,
 )
+from .reservations import Reservations
 from .step_plans import ReceivePlan, WritePlan
 from .token_updates import Generations
 
@@ -73,8 +73,7 @@ class EngineWorker:
         self.options = options
         self.fail_budget = options.fail_transfers
         self.generations = Generations(engine)
-        self.reservations: dict[str, Sequence] = {}      # request id -> seq from prep_recv
-        self.waiting_reservations: deque[Call] = deque()
+        self.reservations = Reservations(engine, self.rank, engine.tp_size)
         self.to_send: dict[int, OutgoingTransfer] = {}   # id(prefill seq) -> its transfer
         self.sending: list[OutgoingTransfer] = []
         self.incoming: list[IncomingStep] = []              # in announcement order
@@ -93,7 +92,7 @@ class EngineWorker:
         backoff = Backoff()
         while not self.stopping:
             busy = self._handle_messages()
-            busy |= self._retry_reservations()
+            busy |= self.reservations.retry(self._grant, self._refuse)
             busy |= self._poll_transfers()
             if self.engine.has_work:
                 self._timed_step()
@@ -129,42 +128,17 @@ class EngineWorker:
 
     # ---- prep_recv ----------------------------------------------------------------------------
     def _prep_recv(self, call: Call) -> None:
-        if not self._try_reserve(call):
-            self.waiting_reservations.append(call)
+        self.reservations.prep_recv(call, None, self._grant)
 
-    def _try_reserve(self, call: Call) -> bool:
-        request = call.request
-        end = request.resolve(call.args.get("end"), len(request.prompt))
-        seq = self.engine.reserve(request.id, request.prompt, request.params, end)
-        if seq is None:
-            return False
-        self._drop_reservation(request.id)
-        self.reservations[request.id] = seq
-        self._reply(Reply(call.call_id, KVAddress(self.rank, request.id, seq.num_computed, end,
-                                                  tuple(seq.page_ids), self.engine.tp_size)))
-        return True
+    def _grant(self, call: Call, _, address: KVAddress) -> None:
+        self._reply(Reply(call.call_id, address))
 
-    def _retry_reservations(self) -> bool:
-        progressed = False
-        while self.waiting_reservations:
-            call = self.waiting_reservations[0]
-            try:
-                if not self._try_reserve(call):
-                    break
-            except (MpiserveError, ValueError, IndexError) as exc:
-                self._reply(Reply(call.call_id, error=f"engine rank {self.rank}: {exc}"))
-            self.waiting_reservations.popleft()
-            progressed = True
-        return progressed
+    def _refuse(self, call: Call, _, message: str) -> None:
+        self._reply(Reply(call.call_id, error=message))
 
     def _release(self, call: Call) -> None:
-        self._drop_reservation(call.request.id)
+        self.reservations.release(call.request.id)
         self._reply(Reply(call.call_id))
-
-    def _drop_reservation(self, request_id: str) -> None:
-        seq = self.reservations.pop(request_id, None)
-        if seq is not None:
-            self.engine.release(seq)
 
     # ---- remote_send --------------------------------------------------------------------------
     def _remote_send(self, call: Call) -> None:
@@ -256,7 +230,7 @@ class EngineWorker:
 
     def _incoming_call(self, call_id: int, request_id: str) -> IncomingCall:
         if call_id not in self.receiving:
-            self.receiving[call_id] = IncomingCall(self.reservations.get(request_id))
+            self.receiving[call_id] = IncomingCall(self.reservations.held.get(request_id))
         return self.receiving[call_id]
 
     def _piece_problem(self, a: KVAnnounce, piece: KVPiece, call: IncomingCall) -> str | None:
@@ -280,7 +254,7 @@ class EngineWorker:
         if call.failed:
             return
         call.failed = True
-        if call.target is not None and self.reservations.get(request_id) is call.target:
+        if call.target is not None and self.reservations.held.get(request_id) is call.target:
             self.engine.drop_reserved_tail(call.target)
         self.counters["transfers_failed"] += 1
         self._reply(TransferDone(call_id, False, call.nbytes, reason))
@@ -321,7 +295,7 @@ class EngineWorker:
         (offset into the piece, slots), or None."""
         call, write = self.receiving[piece.call_id], None
         if not call.failed:
-            if error or self.reservations.get(piece.request_id) is not call.target:
+            if error or self.reservations.held.get(piece.request_id) is not call.target:
                 self._fail_call(piece.call_id, piece.request_id,
                                 error or "request already started")
             else:
@@ -347,16 +321,14 @@ class EngineWorker:
 
     # ---- start_generate -----------------------------------------------------------------------
     def _start_generate(self, call: Call) -> None:
-        self.generations.start(call, self.reservations.pop(call.request.id, None))
+        self.generations.start(call, self.reservations.held.pop(call.request.id, None))
 
     # ---- abort (a request timed out on rank 0) ------------------------------------------------
     def _abort(self, call: Call) -> None:
         """Forget a request: its waiting or granted reservation, and its generation (pages
         freed; the stream ends with finish_reason "abort" and no further token)."""
         request_id = call.request.id
-        self.waiting_reservations = deque(c for c in self.waiting_reservations
-                                          if c.request.id != request_id)
-        self._drop_reservation(request_id)
+        self.reservations.abort(request_id)
         ended = self.generations.abort(request_id)
         if ended is not None:
             self._reply(TokenBatch([ended]))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ..cluster.call_checks import send_range
 from ..cluster.messages import Call, KVAddress, TransferDone
+from ..cluster.reservations import Reservations
 from ..cluster.token_updates import Generations
 from ..engine.engine_core import EngineCore
 from ..engine.page_pool import PagePool
@@ -29,6 +30,14 @@ from ..router.dispatcher import EngineCallError, EngineFailure
 
 SIM_TOKEN = 0          # every simulated token; the simulator knows no eos, so outputs run to
                        # max_tokens (or the context's end)
+
+
+def _grant(call: Call, future, address: KVAddress) -> None:
+    future.set_result(address)
+
+
+def _refuse(call: Call, future, message: str) -> None:
+    future.set_exception(EngineCallError(message))
 
 
 def _pick_sim_token(seq: Sequence) -> int:
@@ -96,8 +105,7 @@ class SimEngine:
         self.rank, self.role, self.tp = rank, role, tp
         self.config, self.cost, self.dispatcher = config, cost, dispatcher
         self.inbox: deque = deque()
-        self.waiting_reservations: deque = deque()
-        self.reservations: dict[str, Sequence] = {}
+        self.reservations = Reservations(self.core, rank, tp)
         self.generations = Generations(self.core)
         self.to_send: dict[int, SimTransfer] = {}        # id(prefill seq) -> its transfer
         self.counters = self.generations.counters
@@ -119,8 +127,8 @@ class SimEngine:
             self._pending = self._loop.call_soon(self._resume, None)
 
     def fail_pending(self, failure: EngineFailure) -> None:
-        for item in [*self.inbox, *self.waiting_reservations]:
-            future = item[2] if item[0] == "call" else None
+        calls = [item[2] for item in self.inbox if item[0] == "call"]
+        for future in [*calls, *(answer for _, answer in self.reservations.waiting)]:
             if future is not None and not future.done():
                 future.set_exception(failure)
         for transfer in self.to_send.values():
@@ -148,7 +156,7 @@ class SimEngine:
                 self._finish_step(*step_done)
             self._report_stats(force=first)
             self._handle_inbox()
-            self._retry_reservations()
+            self.reservations.retry(_grant, _refuse)
             chunks = self.core.scheduler.schedule()
             if not chunks:                       # nothing to do, or pages are short
                 self._report_stats(force=self._dirty)
@@ -198,45 +206,15 @@ class SimEngine:
 
     # ---- prep_recv, release, abort -----------------------------------------------------------
     def _prep_recv(self, call: Call, future) -> None:
-        if not self._try_reserve(call, future):
-            self.waiting_reservations.append(("call", call, future))
-
-    def _try_reserve(self, call: Call, future) -> bool:
-        request = call.request
-        end = request.resolve(call.args.get("end"), len(request.prompt))
-        seq = self.core.reserve(request.id, request.prompt, request.params, end)
-        if seq is None:
-            return False
-        self._drop_reservation(request.id)
-        self.reservations[request.id] = seq
-        future.set_result(KVAddress(self.rank, request.id, seq.num_computed, end,
-                                    tuple(seq.page_ids), self.tp))
-        return True
-
-    def _retry_reservations(self) -> None:
-        while self.waiting_reservations:
-            _, call, future = self.waiting_reservations[0]
-            try:
-                if not self._try_reserve(call, future):
-                    return
-            except (MpiserveError, ValueError, IndexError) as exc:
-                future.set_exception(EngineCallError(f"engine rank {self.rank}: {exc}"))
-            self.waiting_reservations.popleft()
+        self.reservations.prep_recv(call, future, _grant)
 
     def _release(self, call: Call, future) -> None:
-        self._drop_reservation(call.request.id)
+        self.reservations.release(call.request.id)
         future.set_result(None)
-
-    def _drop_reservation(self, request_id: str) -> None:
-        seq = self.reservations.pop(request_id, None)
-        if seq is not None:
-            self.core.release(seq)
 
     def _abort(self, call: Call, future) -> None:
         request_id = call.request.id
-        self.waiting_reservations = deque(w for w in self.waiting_reservations
-                                          if w[1].request.id != request_id)
-        self._drop_reservation(request_id)
+        self.reservations.abort(request_id)
         ended = self.generations.abort(request_id)
         if ended is not None:
             self.dispatcher.deliver([ended])
@@ -244,7 +222,7 @@ class SimEngine:
 
     # ---- start_generate ---------------------------------------------------------------------
     def _start_generate(self, call: Call, future) -> None:
-        self.generations.start(call, self.reservations.pop(call.request.id, None))
+        self.generations.start(call, self.reservations.held.pop(call.request.id, None))
 
     # ---- remote_send: the sender ------------------------------------------------------------
     def _remote_send(self, call: Call, future) -> None:
@@ -295,8 +273,8 @@ class SimEngine:
         if t.failed:
             return
         if t.target is None:
-            t.target = self.reservations.get(t.request_id)
-        if t.target is None or self.reservations.get(t.request_id) is not t.target:
+            t.target = self.reservations.held.get(t.request_id)
+        if t.target is None or self.reservations.held.get(t.request_id) is not t.target:
             self._fail_transfer(t, "no reservation (prep_recv first)" if t.target is None
                                 else "request already started")
             return
@@ -308,7 +286,7 @@ class SimEngine:
 
     def _fail_transfer(self, t: SimTransfer, reason: str) -> None:
         t.failed = True
-        target = self.reservations.get(t.request_id)
+        target = self.reservations.held.get(t.request_id)
         if target is not None and target is t.target:
             self.core.drop_reserved_tail(target)
         self.counters["transfers_failed"] += 1
@@ -320,8 +298,8 @@ class SimEngine:
         """One line on what the engine holds, for a stuck simulation's message."""
         scheduler, pool = self.core.scheduler, self.core.pool
         return (f"engine rank {self.rank} ({self.role}): {len(scheduler.running)} running, "
-                f"{len(scheduler.waiting)} waiting, {len(self.reservations)} reservations held "
-                f"and {len(self.waiting_reservations)} waiting for pages, "
+                f"{len(scheduler.waiting)} waiting, {len(self.reservations.held)} reservations "
+                f"held and {len(self.reservations.waiting)} waiting for pages, "
                 f"{pool.num_available}/{pool.num_pages} pages available")
 
     # ---- stats ------------------------------------------------------------------------------
