@@ -48,6 +48,16 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds > 0")
+    return value
+
+
 class _ShowDefaults(argparse.HelpFormatter):
     """Every option with a default shows it in --help, with or without a help text."""
 
@@ -151,7 +161,7 @@ def _job_arguments(job: argparse.ArgumentParser) -> None:
     job.add_argument("--request-timeout", type=float, default=600.0,
                      help="seconds a request's router may take; then the request is aborted "
                           "on the engines and answered with a request_timeout error")
-    job.add_argument("--mpi-start-timeout", type=float, default=300.0,
+    job.add_argument("--mpi-start-timeout", type=_positive_seconds, default=300.0,
                      help="seconds a rank may wait in MPI_Init (a launcher whose start-up "
                           "failed can leave it waiting forever); then the rank exits 1")
     job.add_argument("--bind-interface", metavar="NAME",

@@ -32,3 +32,12 @@ def test_a_rank_stuck_in_mpi_init_exits_after_the_bound(tmp_path):
     assert done.returncode == 1, done.stderr
     assert "Timeout (0:00:03)!" in done.stderr and "in _start_mpi" in done.stderr, done.stderr
     assert 3 <= took < 60
+
+
+@pytest.mark.parametrize("bound", ["0", "-5", "soon"])
+def test_a_bound_that_is_not_a_positive_number_is_refused_by_name(bound):
+    done = subprocess.run([str(MPISERVE), "run", "--input", "in.jsonl", "--output", "out.jsonl",
+                           "--mpi-start-timeout", bound], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert f"argument --mpi-start-timeout: '{bound}': use a number of seconds > 0" in done.stderr

@@ -81,6 +81,14 @@ def test_control_latency_delays_each_message_between_rank_0_and_an_engine():
                 >= completed(base)[r.custom_id]["metrics"]["ttft"] + 4 * latency - 1e-9)
 
 
+def test_a_negative_control_latency_is_refused_by_name():
+    done = subprocess.run([sys.executable, "-m", "mpiserve.cli", "simulate",
+                           "--control-latency", "-0.1"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "argument --control-latency: '-0.1': use a number of seconds >= 0" in done.stderr
+
+
 def test_same_seed_repeats_exactly_and_round_robin_starts_afresh():
     reqs = requests()
     first, second = run("round_robin", reqs), run("round_robin", reqs)

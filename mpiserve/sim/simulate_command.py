@@ -40,6 +40,16 @@ def say(message: str) -> None:
     print(f"mpiserve simulate: {message}", file=sys.stderr, flush=True)
 
 
+def _seconds_at_least_0(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds >= 0")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, layout: bool = True) -> None:
     """The options of `mpiserve simulate`; without `layout`, those of `mpiserve plan`, which
     chooses --prefill, --decode and --tp itself."""
@@ -73,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser, layout: bool = True) -> None:
                         help="sequences an engine runs at once (default 64)")
     engine.add_argument("--max-batch-tokens", type=int, default=1024,
                         help="tokens per engine step (default 1024)")
-    engine.add_argument("--control-latency", type=float, default=0.0, metavar="SECONDS",
+    engine.add_argument("--control-latency", type=_seconds_at_least_0, default=0.0,
+                        metavar="SECONDS",
                         help="one-way delay of every control message between rank 0 and an "
                              "engine: calls, their answers and token updates (default 0)")
     engine.add_argument("--tokenizer", help="checkpoint directory whose tokenizer turns a "
