@@ -24,7 +24,7 @@ class StepTimings:
         self._rng = random.Random(seed)
 
     def add(self, shape: Sequence[int], seconds: float) -> None:
-        row = [*shape, round(seconds, 7)]
+        row = [*shape, seconds]
         self.seen += 1
         if len(self.rows) < self.capacity:
             self.rows.append(row)
