@@ -343,7 +343,7 @@ def _close() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m mpiserve.bench.kv_path",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes")
     parser.add_argument("--model", help="checkpoint directory (default: the benchmark model)")
     parser.add_argument("--out", default="results", help="output directory (default results)")

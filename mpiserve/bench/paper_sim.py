@@ -166,7 +166,7 @@ def _against_targets(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpiserve.bench.paper_sim",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per rate")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="results")

@@ -82,7 +82,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", required=True, help="a profile from `mpiserve profile`")
     parser.add_argument("--candidates", default="adaptive",
                         help="comma list of routers to compare with the fixed ones")

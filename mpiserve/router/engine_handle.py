@@ -72,7 +72,7 @@ class EngineHandle:
         trace = self._cluster.trace(request)
         trace.engines.add(self.rank)
         stop = request.resolve(end, len(request.prompt))
-        work = max(0, stop - self._cluster.prefixes.matched(self.rank, request.prompt[:stop]))
+        work = self._claim_prefill(request.prompt, 0, stop)
         self._active += 1
         self._queued_prefill += work
         try:
@@ -81,7 +81,6 @@ class EngineHandle:
         finally:
             self._active -= 1
             self._queued_prefill -= work
-        self._cluster.prefixes.add(self.rank, request.prompt, stop)
         trace.kv_bytes += done.nbytes
         if done.ok:
             self._cluster.prefixes.add(kv.rank, request.prompt, stop)
@@ -98,7 +97,7 @@ class EngineHandle:
                                     "a request generates once, on one engine")
         trace.engines.add(self.rank)
         self._cluster.set_reserved(request, trace, self.rank, False)   # now a generation
-        work = len(request.prompt) - request.resolve(begin, 0)
+        work = self._claim_prefill(request.prompt, request.resolve(begin, 0), len(request.prompt))
         self._active += 1
         self._queued_prefill += work
         queue = self._dispatcher.stream(self.rank, request, begin=begin)
@@ -107,10 +106,9 @@ class EngineHandle:
                 update = await queue.get()
                 if isinstance(update, Exception):
                     raise update
-                if work:                          # the prompt is prefilled: its pages are held
+                if work:                          # the prompt is prefilled
                     self._queued_prefill -= work
                     work = 0
-                    self._cluster.prefixes.add(self.rank, request.prompt)
                 self._record(trace, update)
                 yield update.tokens
                 if update.done:
@@ -118,6 +116,14 @@ class EngineHandle:
         finally:
             self._active -= 1
             self._queued_prefill -= work
+
+    def _claim_prefill(self, prompt: list[int], begin: int, stop: int) -> int:
+        """Prompt tokens in [begin, stop) this engine must compute, given what it holds or will
+        hold by then; records prompt[:stop] as held from now on. An engine prefills its requests
+        in arrival order, so any later request given here finds these pages computed."""
+        held = self._cluster.prefixes.matched(self.rank, prompt[:stop])
+        self._cluster.prefixes.add(self.rank, prompt, stop)
+        return max(0, stop - max(begin, held))
 
     def _unreserve(self, request: Request) -> None:
         self._cluster.set_reserved(request, self._cluster.trace(request), self.rank, False)
