@@ -7,8 +7,10 @@ A request runs whole when the part of its prompt the engine has not cached is sh
 `--router-arg backlog=0.5` times the prompt, or when the job has no prefill and decode engines
 to split between. The `strategy` metric of each request says which was chosen.
 
-Designed in the simulator against every fixed router (results/README.md, "adaptive"): on
-`long` it beat the best fixed router at every rate tried, on `chat` it matched it.
+Designed in the simulator against every fixed router (results/README.md, "adaptive"): there it
+beat the best fixed router on `long` at every rate tried and matched it on `chat` and
+`shared_prefix`. On real ranks (48 requests per point) it was within 5% of the best fixed
+router, or ahead of it, at 4 of 7 points, and behind by 8–14% at the other three.
 """
 
 from .balanced_pd import balanced_pd
