@@ -8,6 +8,7 @@ import sys
 
 from .engine.engine_config import EngineConfig
 from .errors import MpiserveError
+from .option_types import seconds
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,16 +47,6 @@ def _key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
     return key, value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds > 0")
-    return value
 
 
 class _ShowDefaults(argparse.HelpFormatter):
@@ -161,7 +152,7 @@ def _job_arguments(job: argparse.ArgumentParser) -> None:
     job.add_argument("--request-timeout", type=float, default=600.0,
                      help="seconds a request's router may take; then the request is aborted "
                           "on the engines and answered with a request_timeout error")
-    job.add_argument("--mpi-start-timeout", type=_positive_seconds, default=300.0,
+    job.add_argument("--mpi-start-timeout", type=seconds(0, inclusive=False), default=300.0,
                      help="seconds a rank may wait in MPI_Init (a launcher whose start-up "
                           "failed can leave it waiting forever); then the rank exits 1")
     job.add_argument("--bind-interface", metavar="NAME",

@@ -30,6 +30,7 @@ from ..bench.serving import (
 )
 from ..bench.workloads import WORKLOADS
 from ..errors import MpiserveError
+from ..option_types import seconds
 from .cost_choice import SimSetup, sim_setup
 from .fresh_router import fresh_router
 from .simulation import SimLayout, simulate
@@ -38,16 +39,6 @@ from .workload_input import file_requests, observed_rate, workload_requests
 
 def say(message: str) -> None:
     print(f"mpiserve simulate: {message}", file=sys.stderr, flush=True)
-
-
-def _seconds_at_least_0(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds >= 0")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser, layout: bool = True) -> None:
@@ -83,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser, layout: bool = True) -> None:
                         help="sequences an engine runs at once (default 64)")
     engine.add_argument("--max-batch-tokens", type=int, default=1024,
                         help="tokens per engine step (default 1024)")
-    engine.add_argument("--control-latency", type=_seconds_at_least_0, default=0.0,
+    engine.add_argument("--control-latency", type=seconds(0, inclusive=True), default=0.0,
                         metavar="SECONDS",
                         help="one-way delay of every control message between rank 0 and an "
                              "engine: calls, their answers and token updates (default 0)")
