@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -87,6 +88,13 @@ def test_a_negative_control_latency_is_refused_by_name():
                           timeout=60)
     assert done.returncode == 2
     assert "argument --control-latency: '-0.1': use a number of seconds >= 0" in done.stderr
+
+
+def test_the_garbage_collector_is_left_as_it_was_found():
+    before = gc.get_threshold(), gc.get_freeze_count()
+    result = run("pd", requests())
+    assert result.failure is None
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
 
 
 def test_same_seed_repeats_exactly_and_round_robin_starts_afresh():

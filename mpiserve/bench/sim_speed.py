@@ -65,7 +65,7 @@ def run(num_requests: int, rate: float, seed: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpiserve.bench.sim_speed",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=200.0, help="requests/s (default 200)")
     parser.add_argument("--seed", type=int, default=1)

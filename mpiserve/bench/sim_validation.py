@@ -126,7 +126,7 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", default="long,chat", help="comma list (default %(default)s)")
     parser.add_argument("--routers", default=ALL_ROUTERS, help="comma list (default: all)")
     parser.add_argument("--num-requests", type=int, default=16, help="requests per run")

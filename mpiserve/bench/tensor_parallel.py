@@ -128,7 +128,7 @@ def report(args, engine, plan: dict, one: dict, two: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m mpiserve.bench.tensor_parallel",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and batch")
     parser.add_argument("--model", help="checkpoint directory (default: the TP benchmark model)")
     parser.add_argument("--out", default="results", help="output directory (default results)")

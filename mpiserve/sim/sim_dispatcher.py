@@ -17,9 +17,10 @@ class TokenStream:
     sends one per token, so this is on its hottest path). `get` returns a future rather than
     a coroutine: the item, or the reader's wait for it, which the next item ends."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "_loop")
 
     def __init__(self):
+        self._loop = asyncio.get_running_loop()
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
 
@@ -31,7 +32,7 @@ class TokenStream:
             self._items.append(item)
 
     def get(self) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         if self._items:
             future.set_result(self._items.popleft())
         else:
