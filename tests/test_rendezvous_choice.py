@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from mpiserve.cluster.host_interfaces import local_report
-from mpiserve.cluster.rendezvous_choice import BindError, HostReport, Interface, choose_rendezvous
+from mpiserve.cluster.rendezvous_choice import (
+    BindError,
+    HostReport,
+    Interface,
+    choose_rendezvous,
+    own_address,
+)
 
 LO = Interface("lo", "127.0.0.1", 8)
 
@@ -88,3 +94,14 @@ def test_local_report_lists_loopback():
     report = local_report()
     assert report.hostname
     assert any(i.name == "lo" and i.address.startswith("127.") for i in report.interfaces)
+
+
+def test_each_rank_is_reached_at_its_own_address_on_the_chosen_network():
+    a = host("a", Interface("eth0", "10.0.0.1", 24))
+    b = host("b", Interface("eth1", "10.0.0.7", 24), Interface("ib0", "10.9.0.7", 16))
+    routed = host("c", Interface("eth0", "192.168.5.5", 24))
+    choice = choose_rendezvous([a, b, routed])
+    assert [own_address(r, choice, rank) for rank, r in enumerate([a, b, routed])] == [
+        "10.0.0.1", "10.0.0.7", None]
+    one_host = choose_rendezvous([a, a])
+    assert own_address(a, one_host, 1) == "127.0.0.1"

@@ -14,13 +14,14 @@ class Backoff:
     def reset(self) -> None:
         self.delay = self.first
 
-    def _next(self) -> float:
+    def next_delay(self) -> float:
+        """How long to wait now (the wait itself is the caller's)."""
         delay = self.delay
         self.delay = min(self.delay * 2, self.cap)
         return delay
 
     def sleep(self) -> None:
-        time.sleep(self._next())
+        time.sleep(self.next_delay())
 
     async def sleep_async(self) -> None:
-        await asyncio.sleep(self._next())
+        await asyncio.sleep(self.next_delay())

@@ -1,7 +1,8 @@
 """Start the data plane: the ranks agree on an address of rank 0 they can all reach (checked
-with a real connection, so an unreachable one fails in seconds, named), rank 0 opens its store
-on a port it broadcasts over MPI, and every rank joins one torch.distributed group (NCCL with
-CUDA, gloo otherwise)."""
+with a real connection, so an unreachable one fails in seconds, named), each opens its
+doorbell (cluster.doorbell) on its own address there, rank 0 opens its store on a port it
+broadcasts over MPI, and every rank joins one torch.distributed group (NCCL with CUDA, gloo
+otherwise)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import socket
 import sys
 import time
 
+from .doorbell import Doorbell, install
 from .host_interfaces import local_report
 from .launch_env import launcher_local_rank, launcher_source
-from .rendezvous_choice import BindError, choose_rendezvous
+from .rendezvous_choice import BindError, Rendezvous, choose_rendezvous, own_address
 
 BIND_INTERFACE_VARIABLE = "MPISERVE_BIND_INTERFACE"
 PROBE_TIMEOUT_S = 10.0      # for every rank to open a TCP connection to rank 0's address
@@ -38,10 +40,11 @@ def node_local_rank(comm, env=None) -> int:
     return rank
 
 
-def rendezvous_host(comm, env=None) -> str:
-    """Rank 0's address that every rank can reach (rendezvous_choice decides from every rank's
-    hostname and interfaces; --bind-interface / MPISERVE_BIND_INTERFACE overrides), checked
-    by a real connection from every rank. Sets this rank's GLOO_SOCKET_IFNAME to its side of
+def rendezvous(comm, env=None) -> Rendezvous:
+    """Where the ranks meet: rank 0's address that every rank can reach, and each rank's
+    interface (rendezvous_choice decides from every rank's hostname and interfaces;
+    --bind-interface / MPISERVE_BIND_INTERFACE overrides), checked by a real connection from
+    every rank. Sets this rank's GLOO_SOCKET_IFNAME to its side of
     the choice unless the user set it. Raises BindError on every rank when there is no usable
     address or a rank cannot connect within PROBE_TIMEOUT_S."""
     env = os.environ if env is None else env
@@ -64,7 +67,7 @@ def rendezvous_host(comm, env=None) -> str:
         raise BindError(f"rank 0's rendezvous address {choice.address} ({choice.reason}) is "
                         f"unreachable: {'; '.join(failures)}. Name the interface the nodes "
                         f"share with --bind-interface or {BIND_INTERFACE_VARIABLE}", quiet)
-    return choice.address
+    return choice
 
 
 def probe_rendezvous(comm, address: str, timeout_s: float) -> list[str]:
@@ -108,7 +111,9 @@ def init_data_plane(comm, timeout_s: float = 120.0) -> str:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(node_local_rank(comm) % torch.cuda.device_count())
-    host, rank, size = rendezvous_host(comm), comm.Get_rank(), comm.Get_size()
+    choice, rank, size = rendezvous(comm), comm.Get_rank(), comm.Get_size()
+    install(Doorbell.open(comm, own_address(local_report(), choice, rank)))
+    host = choice.address
     timeout = datetime.timedelta(seconds=timeout_s)
     store = (dist.TCPStore(host, 0, size, is_master=True, timeout=timeout, wait_for_workers=False)
              if rank == 0 else None)

@@ -98,10 +98,8 @@ class EngineWorker:
                 self._timed_step()
                 busy = True
             self._report_stats()
-            if busy:
-                backoff.reset()
-            else:
-                backoff.sleep()
+            if busy or self.control.wait(backoff.next_delay()):
+                backoff.reset()       # busy, or rung: a message is on its way, look soon
         self._finish_sends()
 
     def _handle_messages(self) -> bool:

@@ -121,3 +121,11 @@ def _by_shared_subnet(reports: list[HostReport]) -> Rendezvous:
     return Rendezvous(best.address, tuple(names),
                       f"interface {best.name}, subnet {best.network} shared by "
                       f"{shared} of {len(reports) - 1} other ranks")
+
+
+def own_address(report: HostReport, choice: Rendezvous, rank: int) -> str | None:
+    """Rank `rank`'s address on the network `choice` uses, where the other ranks can reach it
+    (loopback when all share one host); None when gloo was left to pick (a routed network)."""
+    name = choice.interfaces[rank]
+    found = None if name is None else report.named(name)
+    return None if found is None else found.address
