@@ -7,13 +7,7 @@ from __future__ import annotations
 import pytest
 
 from mpiserve.cluster.host_interfaces import local_report
-from mpiserve.cluster.rendezvous_choice import (
-    BindError,
-    HostReport,
-    Interface,
-    choose_rendezvous,
-    own_address,
-)
+from mpiserve.cluster.rendezvous_choice import BindError, HostReport, Interface, choose_rendezvous
 
 LO = Interface("lo", "127.0.0.1", 8)
 
@@ -101,7 +95,8 @@ def test_each_rank_is_reached_at_its_own_address_on_the_chosen_network():
     b = host("b", Interface("eth1", "10.0.0.7", 24), Interface("ib0", "10.9.0.7", 16))
     routed = host("c", Interface("eth0", "192.168.5.5", 24))
     choice = choose_rendezvous([a, b, routed])
-    assert [own_address(r, choice, rank) for rank, r in enumerate([a, b, routed])] == [
+    assert [None if i is None else i.address for i in choice.own] == [
         "10.0.0.1", "10.0.0.7", None]
-    one_host = choose_rendezvous([a, a])
-    assert own_address(a, one_host, 1) == "127.0.0.1"
+    assert [i.address for i in choose_rendezvous([a, a]).own] == ["127.0.0.1"] * 2
+    assert [i.address for i in choose_rendezvous([a, b], "eth0").own] == ["10.0.0.1",
+                                                                         "10.0.0.7"]

@@ -15,7 +15,7 @@ import time
 from .doorbell import Doorbell, install
 from .host_interfaces import local_report
 from .launch_env import launcher_local_rank, launcher_source
-from .rendezvous_choice import BindError, Rendezvous, choose_rendezvous, own_address
+from .rendezvous_choice import BindError, Rendezvous, choose_rendezvous
 
 BIND_INTERFACE_VARIABLE = "MPISERVE_BIND_INTERFACE"
 PROBE_TIMEOUT_S = 10.0      # for every rank to open a TCP connection to rank 0's address
@@ -44,8 +44,8 @@ def rendezvous(comm, env=None) -> Rendezvous:
     """Where the ranks meet: rank 0's address that every rank can reach, and each rank's
     interface (rendezvous_choice decides from every rank's hostname and interfaces;
     --bind-interface / MPISERVE_BIND_INTERFACE overrides), checked by a real connection from
-    every rank. Sets this rank's GLOO_SOCKET_IFNAME to its side of
-    the choice unless the user set it. Raises BindError on every rank when there is no usable
+    every rank. Sets this rank's GLOO_SOCKET_IFNAME to its side of the choice unless the user
+    set it. Raises BindError on every rank when there is no usable
     address or a rank cannot connect within PROBE_TIMEOUT_S."""
     env = os.environ if env is None else env
     reports = comm.allgather(local_report())
@@ -112,7 +112,8 @@ def init_data_plane(comm, timeout_s: float = 120.0) -> str:
     if backend == "nccl":
         torch.cuda.set_device(node_local_rank(comm) % torch.cuda.device_count())
     choice, rank, size = rendezvous(comm), comm.Get_rank(), comm.Get_size()
-    install(Doorbell.open(comm, own_address(local_report(), choice, rank)))
+    own = choice.own[rank]
+    install(Doorbell.open(comm, None if own is None else own.address))
     host = choice.address
     timeout = datetime.timedelta(seconds=timeout_s)
     store = (dist.TCPStore(host, 0, size, is_master=True, timeout=timeout, wait_for_workers=False)

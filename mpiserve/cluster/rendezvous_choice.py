@@ -64,8 +64,14 @@ class HostReport:
 @dataclass(frozen=True)
 class Rendezvous:
     address: str                          # rank 0's address every rank connects to
-    interfaces: tuple[str | None, ...]    # per rank: GLOO_SOCKET_IFNAME, None = gloo decides
+    own: tuple[Interface | None, ...]     # per rank: its interface on the chosen network,
+                                          # where the others reach it; None = gloo decides
     reason: str                           # why this address, for messages
+
+    @property
+    def interfaces(self) -> tuple[str | None, ...]:
+        """Per rank: its GLOO_SOCKET_IFNAME (None: gloo decides)."""
+        return tuple(None if i is None else i.name for i in self.own)
 
 
 class BindError(MpiserveError):
@@ -84,8 +90,8 @@ def choose_rendezvous(reports: list[HostReport], bind_interface: str | None = No
     if bind_interface:
         return _by_name(reports, bind_interface)
     if _single_host(reports):
-        return Rendezvous(LOOPBACK_ADDRESS, (LOOPBACK_INTERFACE,) * len(reports),
-                          "all ranks on one host")
+        loopback = Interface(LOOPBACK_INTERFACE, LOOPBACK_ADDRESS, 8)
+        return Rendezvous(LOOPBACK_ADDRESS, (loopback,) * len(reports), "all ranks on one host")
     return _by_shared_subnet(reports)
 
 
@@ -100,14 +106,14 @@ def _by_name(reports: list[HostReport], name: str) -> Rendezvous:
     if chosen is None:
         raise BindError(f"bind interface {name!r} has no IPv4 address on rank 0, "
                         f"{reports[0].describe()}")
-    names = []
+    owns = []
     for rank, report in enumerate(reports):
         own = report.named(name) or report.on(chosen.network)
         if own is None:
             raise BindError(f"rank {rank} on {report.describe()} has no interface {name!r} and "
                             f"none on rank 0's subnet {chosen.network}")
-        names.append(own.name)
-    return Rendezvous(chosen.address, tuple(names), f"interface {name}, as asked")
+        owns.append(own)
+    return Rendezvous(chosen.address, tuple(owns), f"interface {name}, as asked")
 
 
 def _by_shared_subnet(reports: list[HostReport]) -> Rendezvous:
@@ -116,16 +122,9 @@ def _by_shared_subnet(reports: list[HostReport]) -> Rendezvous:
         raise BindError(f"ranks run on several hosts but rank 0 has no non-loopback IPv4 "
                         f"address: {reports[0].describe()}")
     best = max(candidates, key=lambda c: sum(r.on(c.network) is not None for r in reports))
-    names = [None if r.on(best.network) is None else r.on(best.network).name for r in reports]
-    shared = sum(name is not None for name in names[1:])
-    return Rendezvous(best.address, tuple(names),
+    owns = tuple(r.on(best.network) for r in reports)
+    shared = sum(own is not None for own in owns[1:])
+    return Rendezvous(best.address, owns,
                       f"interface {best.name}, subnet {best.network} shared by "
                       f"{shared} of {len(reports) - 1} other ranks")
 
-
-def own_address(report: HostReport, choice: Rendezvous, rank: int) -> str | None:
-    """Rank `rank`'s address on the network `choice` uses, where the other ranks can reach it
-    (loopback when all share one host); None when gloo was left to pick (a routed network)."""
-    name = choice.interfaces[rank]
-    found = None if name is None else report.named(name)
-    return None if found is None else found.address
