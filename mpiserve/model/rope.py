@@ -31,14 +31,16 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin for every position up to `max_positions`, looked up per token."""
+    """cos/sin for every position up to `max_positions`, looked up per token; computed on the
+    CPU, kept on `device` (where the positions it is looked up with live)."""
 
-    def __init__(self, config: ModelConfig, max_positions: int):
+    def __init__(self, config: ModelConfig, max_positions: int,
+                 device: torch.device | str = "cpu"):
         inv_freq = inverse_frequencies(config)
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]         # [P, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)              # [P, D]
-        self.cos, self.sin = angles.cos(), angles.sin()
+        self.cos, self.sin = angles.cos().to(device), angles.sin().to(device)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos and sin for tokens at `positions` ([T]), shaped [T, 1, D] to broadcast over heads."""

@@ -89,7 +89,7 @@ class Transformer:
         self.lm_head = self._for_matmul(lm_head)
         self.norm = weights["model.norm.weight"]
         self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
-        self.rotary = RotaryTable(config, max_positions)
+        self.rotary = RotaryTable(config, max_positions, self.embed.device)
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> _Layer:
         p = f"model.layers.{i}."
@@ -174,8 +174,8 @@ class Transformer:
         else:
             keys = flat[0].index_select(0, span.context_slots)
             values = flat[1].index_select(0, span.context_slots)
-            query_pos = torch.arange(ctx - span.length, ctx)
-            mask = query_pos[:, None] >= torch.arange(ctx)[None, :]
+            query_pos = torch.arange(ctx - span.length, ctx, device=q.device)
+            mask = query_pos[:, None] >= torch.arange(ctx, device=q.device)[None, :]
         out = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
             values.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
