@@ -16,12 +16,12 @@ from .engine_config import EngineConfig
 from .engine_core import EngineCore, TokenEvent
 from .forward_batch_builder import build_forward_batch, logit_positions, order_chunks
 from .kv_cache import KVCache, pages_for_budget
-from .logits_shaping import shaped_logits
 from .page_pool import PagePool
-from .sampler import new_generator, sample
+from .sampler import new_generator
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
-from .token_logprobs import token_logprob, token_logprobs
+from .step_tokens import StepTokens
+from .token_logprobs import token_logprobs
 
 # Called with a step's chunks before its forward pass; may return a callback run after each
 # layer, whose `streams` attribute (if any) tells a tensor-parallel group's other ranks what
@@ -107,25 +107,16 @@ class Engine(EngineCore):
         if self.plans is not None:
             self.plans.publish_step(batch, getattr(after_layer, "streams", ()))
         logits = self.model.forward(batch, self.kv.layers, after_layer)
+        tokens = StepTokens(logits, self.eos_ids, self._generators)
         events, row = [], 0
         for chunk in chunks:
             positions = logit_positions(chunk)
-            chunk_logits, row = logits[row:row + len(positions)], row + len(positions)
             if chunk.seq.needs_prompt_logits:
-                _score_prompt(chunk.seq, positions, chunk_logits)
-            events.extend(self.chunk_computed(chunk, self._picker(chunk_logits[-1:])))
+                _score_prompt(chunk.seq, positions, logits[row:row + len(positions)])
+            row += len(positions)
+            last = row - 1                   # the row a sampling chunk samples from
+            events.extend(self.chunk_computed(chunk, lambda seq, r=last: tokens.pick(seq, r)))
         return events
-
-    def _picker(self, logits: torch.Tensor):
-        """Samples a sequence's next token from `logits` ([1, vocab]: a chunk's last row)."""
-        def pick(seq: Sequence) -> int:
-            row = logits[-1]
-            token = sample(shaped_logits(row, seq, self.eos_ids), seq.params,
-                           self._generators.get(id(seq)))
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(token_logprob(row, token, seq.params.logprobs))
-            return token
-        return pick
 
     @property
     def tp_size(self) -> int:

@@ -9,6 +9,20 @@ from mpiserve.kernels import pack_slots, unpack_slots
 from ..model.model_config import ModelConfig
 
 
+def slot_indices(page_ids: list[int], page_size: int, begin: int, end: int) -> list[int]:
+    """Flat slot index of each position in [begin, end) of a sequence holding `page_ids`
+    (pure Python: a step builds these for every row, and small tensor ops cost more)."""
+    slots = []
+    position = begin
+    while position < end:
+        page, offset = divmod(position, page_size)
+        stop = min(end, (page + 1) * page_size)
+        first = page_ids[page] * page_size + offset
+        slots.extend(range(first, first + stop - position))
+        position = stop
+    return slots
+
+
 def pages_for_budget(config: ModelConfig, page_size: int, budget_bytes: int) -> int:
     return max(1, budget_bytes // (config.kv_bytes_per_token * page_size))
 
@@ -27,9 +41,8 @@ class KVCache:
 
     def slots(self, page_ids: list[int], begin: int, end: int) -> torch.Tensor:
         """Flat slot index of each position in [begin, end) of a sequence with these pages."""
-        positions = torch.arange(begin, end)
-        pages = torch.tensor(page_ids, dtype=torch.int64)[positions // self.page_size]
-        return (pages * self.page_size + positions % self.page_size).to(self.layers[0].device)
+        return torch.tensor(slot_indices(page_ids, self.page_size, begin, end),
+                            dtype=torch.int64).to(self.layers[0].device)
 
     def read(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         """K and V of `slots` in one layer as a contiguous `[2, n, kv_heads, head_dim]` buffer."""

@@ -56,6 +56,13 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """`tokens[start:end]` without building the whole list (a decode row needs one)."""
+        known = len(self.prompt)
+        if start >= known:
+            return self.output[start - known:end - known]
+        return self.prompt[start:end] + self.output[:max(0, end - known)]
+
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
