@@ -4,12 +4,22 @@
 the pure bookkeeping modules do) does not pull in torch.
 """
 
+from pathlib import Path
+
 from .engine.sampling_params import SamplingParams
 from .errors import CapacityError, CheckpointError, InvalidRequestError, MpiserveError
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "MpiserveError", "CheckpointError",
            "InvalidRequestError", "CapacityError"]
 __version__ = "0.1.0"
+
+# setup.cfg installs kernels/ as mpiserve.kernels. A checkout that was copied but not
+# installed (a GPU machine given the working tree) has kernels/ beside this package instead:
+# there the checkout's root joins the package path, so the same name resolves.
+_CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "kernels").is_dir() \
+        and (_CHECKOUT_ROOT / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_CHECKOUT_ROOT))
 
 
 def __getattr__(name: str):
