@@ -20,6 +20,11 @@ def test_cpu_quick_run_writes_every_section(tmp_path):
     assert greedy["first_token_identical"] == 4, greedy
     assert result["throughput"]["mpiserve"]["tokens_per_s"] > 0
     assert result["throughput"]["transformers"]["tokens_per_s"] > 0
+    profile = result["throughput"]["mpiserve"]["profile"]
+    assert profile["device_kernels_s"] is None and profile["wall_s"] > 0
+    functions = [row["function"] for row in profile["host_functions"]]
+    assert any("llm.py" in name and "generate" in name for name in functions), functions
+    assert any("linear" in row["op"] for row in profile["ops_by_host_time"])
     assert result["kernel_path"] == "numba CPU kernel"
     (row,) = result["decode_attention"]
     assert row["max_abs_error"] < 1e-2, row

@@ -1,12 +1,13 @@
 """One prepared check for a machine with one GPU: `python -m mpiserve.bench.gpu_check --out F`.
 
 (a) greedy tokens of mpiserve's engine against transformers in bfloat16, (b) generation
-throughput of both, (c) the decode attention entry point (the numba-cuda kernel on CUDA)
-against the torch reference at a few batch/context sizes. The model is a seeded random
-Llama in Hugging Face format written to a temporary directory (nothing is downloaded); the
-prompts share one length, so transformers runs them as one unpadded batch. Needs torch,
-transformers and (for the kernel) numba-cuda; writes one JSON file. `--device cpu --quick`
-runs every step on CPU with tiny sizes (the smoke test in CI).
+throughput of both, with a profile of the engine's run (host functions, and how much of the
+wall time the GPU's kernels filled), (c) the decode attention entry point (the numba-cuda
+kernel on CUDA) against the torch reference at a few batch/context sizes. The model is a
+seeded random Llama in Hugging Face format written to a temporary directory (nothing is
+downloaded); the prompts share one length, so transformers runs them as one unpadded
+batch. Needs torch, transformers and (for the kernel) numba-cuda; writes one JSON file.
+`--device cpu --quick` runs every step on CPU with tiny sizes (the smoke test in CI).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from ..kernels import paged_attention
 from .bench_model import QUICK, ModelShape, write_model
 from .engine_throughput import NO_EOS, SEED
+from .host_profile import profile_call
 
 DTYPE = torch.bfloat16
 FULL_SHAPE = ModelShape("gpu-check-llama", vocab_size=8192, hidden_size=512,
@@ -49,15 +51,22 @@ def _timed(device: str, fn):
 
 
 def run_engine(model_dir: Path, device: str, prompts, new_tokens: int) -> dict:
+    """Timed after one warm-up run of the same prompts, as transformers is; then profiled."""
     from mpiserve import LLM, SamplingParams
 
     llm = LLM(str(model_dir), device=device, dtype="bfloat16", kv_cache_gib=1.0,
               max_num_seqs=len(prompts), max_batch_tokens=4096)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    outputs, seconds = _timed(device, lambda: llm.generate(prompts, params, progress=False))
+
+    def generate():
+        return llm.generate(prompts, params, progress=False)
+
+    _, cold_seconds = _timed(device, generate)
+    outputs, seconds = _timed(device, generate)
     tokens = [o.token_ids for o in outputs]
-    return {"outputs": tokens, "seconds": seconds,
-            "tokens_per_s": sum(map(len, tokens)) / seconds}
+    return {"outputs": tokens, "seconds": seconds, "first_run_seconds": cold_seconds,
+            "tokens_per_s": sum(map(len, tokens)) / seconds,
+            "profile": profile_call(generate, device)}
 
 
 def run_transformers(model_dir: Path, device: str, prompts, new_tokens: int) -> dict:
@@ -151,7 +160,16 @@ def main(argv: list[str] | None = None) -> None:
                                   for b, c in run["kernel"]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "greedy"}, indent=2))
+    print(json.dumps(_summary(result), indent=2))
+
+
+def _summary(result: dict) -> dict:
+    """What is printed: the result without the per-prompt and per-function lists."""
+    shown = {k: v for k, v in result.items() if k != "greedy"}
+    engine = dict(shown["throughput"]["mpiserve"])
+    engine["profile"] = {k: v for k, v in engine["profile"].items() if not isinstance(v, list)}
+    shown["throughput"] = {**shown["throughput"], "mpiserve": engine}
+    return shown
 
 
 if __name__ == "__main__":
