@@ -148,23 +148,35 @@ class Transformer:
         c = self.config
         heads, kv_heads, dim = c.num_heads, c.num_kv_heads, c.head_dim
         qkv = linear(x, layer.qkv, layer.qkv_bias)
-        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
-        if layer.q_norm is not None:
-            q = rms_norm(q, layer.q_norm, c.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, c.rms_norm_eps)
-        q, k = rotate(q, *angles), rotate(k, *angles)
+        qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+        qk, v = qk.view(-1, heads + kv_heads, dim), v.view(-1, kv_heads, dim)
+        if layer.q_norm is None:        # queries and keys rotate as one tensor: half the ops
+            q, k = rotate(qk, *angles).split([heads, kv_heads], dim=1)
+        else:
+            q, k = qk.split([heads, kv_heads], dim=1)
+            q = rotate(rms_norm(q, layer.q_norm, c.rms_norm_eps), *angles)
+            k = rotate(rms_norm(k, layer.k_norm, c.rms_norm_eps), *angles)
         flat = kv.view(2, -1, kv_heads, dim)                     # [2, slots, KVH, D]
         flat[0].index_copy_(0, batch.slots, k)
         flat[1].index_copy_(0, batch.slots, v)
-        out = torch.empty_like(q)                                # [T, H, D]
-        if batch.num_decode:
-            n = batch.num_decode
-            out[:n] = paged_decode_attention(q[:n], kv, batch.page_table, batch.context_lens,
-                                             self.scale)
+        out = self._decode_attention(q, kv, batch)               # [T, H, D]
         for span in batch.prefills:
             out[span.row:span.row + span.length] = self._prefill_attention(q, k, v, flat, span)
-        return self.tp.sum_partials(linear(out.view(-1, heads * dim), layer.o))
+        return self.tp.sum_partials(linear(out.reshape(-1, heads * dim), layer.o))
+
+    def _decode_attention(self, q, kv, batch: ForwardBatch) -> torch.Tensor:
+        """The attention output of every row, with the decode rows filled in (the whole of
+        it when the batch is all decode rows); the prefill rows are left to the caller."""
+        n = batch.num_decode
+        if n == 0:
+            return torch.empty_like(q)
+        decoded = paged_decode_attention(q[:n], kv, batch.page_table, batch.context_lens,
+                                         self.scale)
+        if n == q.shape[0]:
+            return decoded
+        out = torch.empty_like(q)
+        out[:n] = decoded
+        return out
 
     def _prefill_attention(self, q, k, v, flat, span: PrefillSpan) -> torch.Tensor:
         rows = slice(span.row, span.row + span.length)
