@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mpiserve.cluster.doorbell import Doorbell
+from mpiserve.cluster.doorbell import SILENT, Doorbell
 
 LONG_S = 30.0          # a wait's timeout that a ring must cut short
 
@@ -55,4 +55,11 @@ def test_ringing_nobody_does_nothing(pair):
     rank0.ring(1)                                   # nobody listens any more
     started = time.monotonic()
     Doorbell(None, [None]).wait(0.05)               # a rank without one just sleeps
+    assert time.monotonic() - started >= 0.04
+
+
+def test_the_silent_doorbell_never_rings_and_its_wait_is_a_sleep():
+    SILENT.ring(0)
+    started = time.monotonic()
+    assert SILENT.wait(0.05) is False
     assert time.monotonic() - started >= 0.04
