@@ -1,5 +1,6 @@
 """The prepared GPU check runs every step on CPU (`--device cpu --quick`), so it cannot rot
-between the runs on a GPU machine; without a GPU the default device stops with a clear message."""
+between the runs on a GPU machine; without a GPU the default device stops with a clear message.
+The host-cost benchmark, which shares its generate calls, runs once too."""
 
 import json
 import subprocess
@@ -37,3 +38,14 @@ def test_without_gpu_exits_naming_the_cause(tmp_path):
     assert done.returncode != 0
     assert "no CUDA GPU" in done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_host_overhead_bench_writes_both_engines_and_identical_outputs(tmp_path):
+    """The host-cost benchmark shares the GPU check's two generate calls; one repeat runs."""
+    from mpiserve.bench import host_overhead
+
+    host_overhead.main(["--repeats", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "host_overhead.json").read_text())
+    assert result["identical_outputs"] == host_overhead.PROMPTS
+    for name in ("mpiserve", "transformers"):
+        assert len(result[name]["seconds"]) == 1 and result[name]["min_s"] > 0

@@ -34,7 +34,7 @@ FULL_RUN = {"generate": (32, 256, 128), "kernel": ((1, 512), (16, 1024), (64, 20
 QUICK_RUN = {"generate": (4, 16, 8), "kernel": ((2, 40),)}
 
 
-def _prompts(count: int, length: int, vocab: int) -> list[list[int]]:
+def seeded_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
     generator = torch.Generator().manual_seed(SEED)
     return torch.randint(5, vocab, (count, length), generator=generator).tolist()
 
@@ -50,40 +50,49 @@ def _timed(device: str, fn):
     return result, time.perf_counter() - start
 
 
-def run_engine(model_dir: Path, device: str, prompts, new_tokens: int) -> dict:
-    """Timed after one warm-up run of the same prompts, as transformers is; then profiled."""
+def engine_generate(model_dir: Path, device: str, prompts, new_tokens: int,
+                    dtype: str = "bfloat16"):
+    """A call that runs mpiserve's `LLM.generate` on `prompts` (greedy, eos ignored) and
+    returns the token ids of each."""
     from mpiserve import LLM, SamplingParams
 
-    llm = LLM(str(model_dir), device=device, dtype="bfloat16", kv_cache_gib=1.0,
+    llm = LLM(str(model_dir), device=device, dtype=dtype, kv_cache_gib=1.0,
               max_num_seqs=len(prompts), max_batch_tokens=4096)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    return lambda: [o.token_ids for o in llm.generate(prompts, params, progress=False)]
+
+
+def transformers_generate(model_dir: Path, device: str, prompts, new_tokens: int,
+                          dtype: torch.dtype = DTYPE):
+    """The same with transformers' batched greedy `generate` (the prompts share a length)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
+    ids = torch.tensor(prompts, device=device)
 
     def generate():
-        return llm.generate(prompts, params, progress=False)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 do_sample=False, max_new_tokens=new_tokens, **NO_EOS)
+        return out[:, ids.shape[1]:].tolist()
+    return generate
 
+
+def run_engine(model_dir: Path, device: str, prompts, new_tokens: int) -> dict:
+    """Timed after one warm-up run of the same prompts, as transformers is; then profiled."""
+    generate = engine_generate(model_dir, device, prompts, new_tokens)
     _, cold_seconds = _timed(device, generate)
-    outputs, seconds = _timed(device, generate)
-    tokens = [o.token_ids for o in outputs]
+    tokens, seconds = _timed(device, generate)
     return {"outputs": tokens, "seconds": seconds, "first_run_seconds": cold_seconds,
             "tokens_per_s": sum(map(len, tokens)) / seconds,
             "profile": profile_call(generate, device)}
 
 
 def run_transformers(model_dir: Path, device: str, prompts, new_tokens: int) -> dict:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE)
-    model = model.to(device).eval()
-    ids = torch.tensor(prompts, device=device)
-
-    def generate():
-        with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                  do_sample=False, max_new_tokens=new_tokens, **NO_EOS)
-
+    generate = transformers_generate(model_dir, device, prompts, new_tokens)
     generate()                                                           # warm-up
-    out, seconds = _timed(device, generate)
-    tokens = out[:, ids.shape[1]:].tolist()
+    tokens, seconds = _timed(device, generate)
     return {"outputs": tokens, "seconds": seconds,
             "tokens_per_s": sum(map(len, tokens)) / seconds}
 
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                          "one (or pass --device cpu --quick for the CPU smoke run)")
     shape, run = (QUICK, QUICK_RUN) if args.quick else (FULL_SHAPE, FULL_RUN)
     count, length, new_tokens = run["generate"]
-    prompts = _prompts(count, length, shape.vocab_size)
+    prompts = seeded_prompts(count, length, shape.vocab_size)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": "bfloat16", "model": shape.describe(),
               "prompts": count, "prompt_len": length, "new_tokens": new_tokens,
