@@ -2,7 +2,8 @@
 served by real `mpiexec` jobs and by simulated engines with a profile of this machine's engine.
 
     python -m mpiserve.bench.sim_validation [--workloads long,chat] [--routers LIST]
-        [--num-requests 16] [--profile FILE] [--step-fit alone|in-job] [--out results]
+        [--num-requests 16] [--repeats 1] [--profile FILE] [--step-fit alone|in-job]
+        [--out results]
 
 Three public commands, run in turn: `mpiserve profile` on the benchmark model (unless
 `--profile` gives one), then for each workload `mpiserve bench` (measured) and
@@ -11,7 +12,9 @@ seed. With `--step-fit in-job`, each workload is simulated with the step model s
 (`mpiserve profile --from-run`) to the steps the other workloads' measured jobs timed, so the
 cost of a step inside a job (ranks sharing cores, the engine loop) is in the model while no
 job predicts itself. Their strategies.json rows are joined on (workload, router, rate) and
-compared on mean JCT and mean TTFT. Writes `sim_validation.json` and `.md`
+compared on mean JCT and mean TTFT. With `--repeats R` every measured job runs R times (the
+workloads taking turns, so the machine's drift falls on each alike) and the simulation is set
+against their mean and their range. Writes `sim_validation.json` and `.md`
 (`sim_validation_in_job.*` with `--step-fit in-job`) to `--out`; the commands' own outputs
 stay in `--work-dir` (default: a temporary directory, removed).
 """
@@ -66,23 +69,44 @@ def relative_error(simulated, measured) -> float | None:
     return (simulated - measured) / measured
 
 
-def compare(measured: dict[tuple, dict], simulated: dict[tuple, dict]) -> list[dict]:
-    """One row per (workload, router, rate) both sides ran."""
+def compare(measured: list[dict[tuple, dict]], simulated: dict[tuple, dict]) -> list[dict]:
+    """One row per (workload, router, rate) that every measured repeat and the simulation ran:
+    the simulated figure against the mean of the measured repeats, and against their range."""
+    keys = set(simulated).intersection(*measured)
     rows = []
-    for key in sorted(measured.keys() & simulated.keys(), key=str):
-        m, s = measured[key], simulated[key]
+    for key in sorted(keys, key=str):
+        runs, s = [m[key] for m in measured], simulated[key]
         row = {"workload": key[0], "router": key[1], "rate": key[2],
-               "completed": [m["completed"], s["completed"]]}
+               "completed": [[r["completed"] for r in runs], s["completed"]]}
         for name in COMPARED:
-            row[f"measured_{name}"], row[f"simulated_{name}"] = m.get(name), s.get(name)
-            row[f"{name}_error"] = relative_error(s.get(name), m.get(name))
+            values = [r.get(name) for r in runs]
+            mean = None if None in values else sum(values) / len(values)
+            row[f"measured_{name}"], row[f"simulated_{name}"] = mean, s.get(name)
+            row[f"measured_{name}_runs"] = values
+            row[f"{name}_error"] = relative_error(s.get(name), mean)
+            row[f"{name}_inside_runs"] = _inside(s.get(name), values)
         rows.append(row)
     return rows
+
+
+def _inside(simulated, values) -> bool | None:
+    """Whether the simulated figure lies within the measured repeats' range (None: one run)."""
+    if simulated is None or None in values or len(values) < 2:
+        return None
+    return min(values) <= simulated <= max(values)
 
 
 def worst(rows: list[dict], name: str) -> float | None:
     errors = [abs(r[f"{name}_error"]) for r in rows if r[f"{name}_error"] is not None]
     return max(errors, default=None)
+
+
+def counts(rows: list[dict], name: str) -> dict:
+    """How many rows are within 10% of the measured mean, and inside the measured range."""
+    return {"rows": len(rows),
+            "within_10_percent": sum(r[f"{name}_error"] is not None
+                                     and abs(r[f"{name}_error"]) <= 0.10 for r in rows),
+            "inside_measured_runs": sum(bool(r[f"{name}_inside_runs"]) for r in rows)}
 
 
 def fit_text(fit: dict) -> str:
@@ -102,26 +126,41 @@ def markdown(report: dict) -> str:
 
     def sec(x):
         return "–" if x is None else f"{x:.2f}"
+
+    def runs(values):
+        return "–" if len(values) < 2 or None in values else \
+            f"{min(values):.2f}–{max(values):.2f}"
     lines = ["# The simulator against measured runs", "",
              f"Command: `{report['command']}`", "",
              "Each row: the same seeded requests and Poisson arrival times, served once by a "
-             "real `mpiexec -n 3` job (1 prefill + 1 decode engine, `mpiserve bench`) and once "
+             f"real `mpiexec -n 3` job (1 prefill + 1 decode engine, `mpiserve bench`; "
+             f"{report['repeats']} job(s) each, measured = their mean, range = the lowest and "
+             "highest of them) and once "
              "by simulated engines whose step and KV-copy times come from `mpiserve profile` "
              "of the same model on this machine (`mpiserve simulate --profile`). Error = "
              "(simulated - measured) / measured.", "", STEP_FITS[report["step_fit"]], ""]
     for workload, fit in report["profile_fits"].items():
         lines += [f"Profile for `{workload}` ({fit['source']}): {fit_text(fit)}.", ""]
     lines += [
-             "| workload | router | rate | mean JCT measured | simulated | error "
-             "| mean TTFT measured | simulated | error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| workload | router | rate | mean JCT measured | range | simulated | error "
+             "| mean TTFT measured | range | simulated | error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['workload']} | {r['router']} | {r['rate']:g} "
-                     f"| {sec(r['measured_mean_jct'])} | {sec(r['simulated_mean_jct'])} "
-                     f"| {pct(r['mean_jct_error'])} | {sec(r['measured_mean_ttft'])} "
+                     f"| {sec(r['measured_mean_jct'])} | {runs(r['measured_mean_jct_runs'])} "
+                     f"| {sec(r['simulated_mean_jct'])} | {pct(r['mean_jct_error'])} "
+                     f"| {sec(r['measured_mean_ttft'])} | {runs(r['measured_mean_ttft_runs'])} "
                      f"| {sec(r['simulated_mean_ttft'])} | {pct(r['mean_ttft_error'])} |")
-    lines += ["", f"Largest error: mean JCT {pct(report['worst_mean_jct_error'])}, mean TTFT "
-              f"{pct(report['worst_mean_ttft_error'])} (target: within 10%).", ""]
+    def size(x):
+        return "–" if x is None else f"{x * 100:.1f}%"
+    lines += ["", f"Largest error (either sign): mean JCT {size(report['worst_mean_jct_error'])}, "
+              f"mean TTFT {size(report['worst_mean_ttft_error'])} (target: within 10%).", ""]
+    for name, label in (("mean_jct", "Mean JCT"), ("mean_ttft", "Mean TTFT")):
+        c = report["counts"][name]
+        lines.append(f"{label}: within 10% of the measured mean in {c['within_10_percent']} of "
+                     f"{c['rows']} rows; inside the measured jobs' range in "
+                     f"{c['inside_measured_runs']}.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -130,6 +169,8 @@ def parse_args(argv):
     parser.add_argument("--workloads", default="long,chat", help="comma list (default %(default)s)")
     parser.add_argument("--routers", default=ALL_ROUTERS, help="comma list (default: all)")
     parser.add_argument("--num-requests", type=int, default=16, help="requests per run")
+    parser.add_argument("--repeats", type=int, default=1, help="measured jobs per row: the "
+                        "simulation is compared with their mean and range (default 1)")
     parser.add_argument("--seed", type=int, default=SEED, help="workload seed")
     parser.add_argument("--profile", help="a profile from `mpiserve profile` (default: "
                         "measure the benchmark model now)")
@@ -173,10 +214,12 @@ def validate(args, work: Path) -> dict:
     common = {w: ["--workload", w, "--routers", args.routers, "--rates", RATES.get(w, "1"),
                   "--num-requests", str(args.num_requests), "--seed", str(args.seed)]
               for w in workloads}
-    for workload in workloads:
-        run_step([*mpiserve, "bench", *common[workload],
-                  "--out", str(work / f"{workload}-measured"),
-                  "--work-dir", str(work / f"{workload}-runs")], work / f"{workload}-bench.log")
+    for repeat in range(args.repeats):           # workloads alternate: drift hits each alike
+        for workload in workloads:
+            tag = f"{workload}-{repeat}"
+            run_step([*mpiserve, "bench", *common[workload],
+                      "--out", str(work / f"{tag}-measured"),
+                      "--work-dir", str(work / f"{tag}-runs")], work / f"{tag}-bench.log")
     rows, fits = [], {}
     for workload in workloads:
         used = profile if args.step_fit == "alone" else \
@@ -185,12 +228,14 @@ def validate(args, work: Path) -> dict:
         simulated = work / f"{workload}-simulated"
         run_step([*mpiserve, "simulate", *common[workload], "--profile", str(used),
                   "--out", str(simulated)], work / f"{workload}-simulate.log")
-        rows += compare(rows_of(work / f"{workload}-measured" / "strategies.json"),
-                        rows_of(simulated / "strategies.json"))
+        measured = [rows_of(work / f"{workload}-{i}-measured" / "strategies.json")
+                    for i in range(args.repeats)]
+        rows += compare(measured, rows_of(simulated / "strategies.json"))
         fit = json.loads(used.read_text())
         fits[workload] = {"step": fit["step"], "transfer": fit["transfer"],
                           "source": fit.get("source")}
     return {"rows": rows, "step_fit": args.step_fit, "profile_fits": fits,
+            "repeats": args.repeats, "counts": {n: counts(rows, n) for n in COMPARED},
             "worst_mean_jct_error": worst(rows, "mean_jct"),
             "worst_mean_ttft_error": worst(rows, "mean_ttft")}
 
@@ -202,7 +247,7 @@ def _in_job_profile(mpiserve: list[str], work: Path, base: Path, workload: str,
     if not others:
         raise SystemExit("sim_validation: --step-fit in-job needs two workloads or more (each "
                          "is predicted from the others' jobs)")
-    runs = sorted(str(d) for w in others for d in (work / f"{w}-runs").glob("*.run"))
+    runs = sorted(str(d) for w in others for d in work.glob(f"{w}-*-runs/*.run"))
     out = work / f"{workload}-profile-from-jobs.json"
     run_step([*mpiserve, "profile", "--from-run", *runs, "--base", str(base), "--out", str(out)],
              work / f"{workload}-profile-from-jobs.log")
