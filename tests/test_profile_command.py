@@ -16,7 +16,7 @@ from mpiserve.bench.bench_model import QUICK, bench_model_dir
 from mpiserve.dashboard.report import STEPS_FILE, write_step_timings
 from mpiserve.engine.step_shape import StepShape
 from mpiserve.engine.step_timings import StepTimings, samples_of
-from mpiserve.sim.profile_command import PREFILL_LENGTHS
+from mpiserve.sim.profile_command import PREFILL_LENGTHS, scaled
 from mpiserve.sim.profiled_cost import STEP_TERMS, ProfiledCost, StepFit, TransferFit
 
 
@@ -90,6 +90,20 @@ def test_from_run_scales_the_base_by_what_the_jobs_steps_took(tmp_path):
     for term in STEP_TERMS:
         assert getattr(fitted.step, term) == pytest.approx(getattr(slower, term), rel=1e-4), term
     assert "the base step model x 1.250, from 60 steps of jobs (a.run)" in fitted.source
+
+
+def test_from_run_split_finds_the_prefill_terms_and_the_rest_their_own_factors(tmp_path):
+    """Jobs whose prefill terms ran 1.3x the base and the rest 0.9x: the split fit finds
+    both, where one factor could only average them."""
+    jobs = scaled(KNOWN, 0.9, 1.3)
+    out = tmp_path / "in-job.json"
+    mpiserve("profile", "--from-run", str(run_dir_with_steps(tmp_path / "a.run", cost=jobs)),
+             "--fit", "split", "--base", str(base_profile(tmp_path / "base.json", KNOWN)),
+             "--out", str(out))
+    fitted = ProfiledCost.load(out)
+    for term in STEP_TERMS:
+        assert getattr(fitted.step, term) == pytest.approx(getattr(jobs, term), rel=1e-4), term
+    assert "prefill terms x 1.300, the rest x 0.900" in fitted.source
 
 
 def test_from_run_refits_every_term_and_keeps_the_rest_of_the_base(tmp_path):

@@ -1,7 +1,7 @@
 """`mpiserve profile`: measure this machine's engine for the simulator.
 
     mpiserve profile --model DIR --out profile.json
-    mpiserve profile --from-run RUN_DIR... --base profile.json [--fit scale|terms] --out F
+    mpiserve profile --from-run RUN_DIR... --base profile.json [--fit scale|split|terms] --out F
 
 Builds the real engine in-process (as `mpiserve.LLM` does), times short steps of known shape
 — prefill-only steps of several lengths, decode steps of several batch sizes and context
@@ -53,11 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the profile (KV copy, pages, model) comes from --base")
     parser.add_argument("--base", help="with --from-run: a profile from `mpiserve profile "
                         "--model` of the same model and machine")
-    parser.add_argument("--fit", choices=["scale", "terms"], default="scale",
+    parser.add_argument("--fit", choices=["scale", "split", "terms"], default="scale",
                         help="with --from-run: scale the base step model by one factor, the "
-                             "jobs' total step time over what it predicts for their steps; or "
-                             "refit every term to the jobs' steps (only as good as the range of "
-                             "step shapes the jobs ran: it extrapolates badly) (default scale)")
+                             "jobs' total step time over what it predicts for their steps; "
+                             "split: one factor for its prefill terms (per prefill token, per "
+                             "attention pair) and one for the rest, fitted by least squares "
+                             "(inside jobs, large prefills slow down more than decode steps); "
+                             "or refit every term to the jobs' steps (only as good as the range "
+                             "of step shapes the jobs ran: it extrapolates badly) "
+                             "(default scale)")
     parser.add_argument("--out", required=True, help="the JSON profile to write")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--torch-threads", type=int, default=1,
@@ -121,6 +125,10 @@ def _write_from_runs(args, base: ProfiledCost, samples: list[dict]) -> int:
         factor = in_job_factor(base.step, samples)
         step = scaled(base.step, factor)
         how = f"the base step model x {factor:.3f}"
+    elif args.fit == "split":
+        prefill, rest = in_job_split_factors(base.step, samples)
+        step = scaled(base.step, rest, prefill)
+        how = f"the base step model's prefill terms x {prefill:.3f}, the rest x {rest:.3f}"
     else:
         step = fit_step(samples)
         how = "every term refitted"
@@ -142,8 +150,34 @@ def in_job_factor(step: StepFit, samples: list[dict]) -> float:
     return sum(s["seconds"] for s in samples) / predicted
 
 
-def scaled(step: StepFit, factor: float) -> StepFit:
-    return StepFit(**{term: getattr(step, term) * factor for term in STEP_TERMS})
+def in_job_split_factors(step: StepFit, samples: list[dict]) -> tuple[float, float]:
+    """Factors for the prefill terms and for the rest of `step` that fit the jobs' step times
+    best (least squares); one factor for both (`in_job_factor`) when either comes out not
+    positive, as when the jobs ran too few prefill steps to tell."""
+    rows = []
+    for s in samples:
+        shape = StepShape(**{k: s[k] for k in StepShape._fields})
+        prefill = sum(getattr(step, term) * getattr(shape, field)
+                      for term, field in PREFILL_TERMS.items())
+        rows.append([prefill, step(shape) - prefill])
+    prefill, rest = _least_squares(rows, [s["seconds"] for s in samples])
+    if prefill > 0 and rest > 0:
+        return prefill, rest
+    factor = in_job_factor(step, samples)
+    return factor, factor
+
+
+# the step model's terms that grow with the prompt tokens a step computes, and their shape field
+PREFILL_TERMS = {"per_prefill_token_s": "prefill_tokens",
+                 "per_attention_pair_s": "attention_pairs"}
+
+
+def scaled(step: StepFit, factor: float, prefill_factor: float | None = None) -> StepFit:
+    """`step` with every term times `factor` (the prefill terms times `prefill_factor`, if
+    given)."""
+    prefill_factor = factor if prefill_factor is None else prefill_factor
+    return StepFit(**{term: getattr(step, term) * (prefill_factor if term in PREFILL_TERMS
+                                                    else factor) for term in STEP_TERMS})
 
 
 def _step_text(step: StepFit) -> str:
