@@ -132,6 +132,9 @@ def markdown(report: dict) -> str:
     def runs(values):
         return "–" if len(values) < 2 or None in values else \
             f"{min(values):.2f}–{max(values):.2f}"
+
+    def size(x):
+        return "–" if x is None else f"{x * 100:.1f}%"
     lines = ["# The simulator against measured runs", "",
              f"Command: `{report['command']}`", "",
              "Each row: the same seeded requests and Poisson arrival times, served once by a "
@@ -153,8 +156,6 @@ def markdown(report: dict) -> str:
                      f"| {sec(r['simulated_mean_jct'])} | {pct(r['mean_jct_error'])} "
                      f"| {sec(r['measured_mean_ttft'])} | {runs(r['measured_mean_ttft_runs'])} "
                      f"| {sec(r['simulated_mean_ttft'])} | {pct(r['mean_ttft_error'])} |")
-    def size(x):
-        return "–" if x is None else f"{x * 100:.1f}%"
     lines += ["", f"Largest error (either sign): mean JCT {size(report['worst_mean_jct_error'])}, "
               f"mean TTFT {size(report['worst_mean_ttft_error'])} (target: within 10%).", ""]
     for name, label in (("mean_jct", "Mean JCT"), ("mean_ttft", "Mean TTFT")):

@@ -144,7 +144,7 @@ def _write_from_runs(args, base: ProfiledCost, samples: list[dict]) -> int:
 
 def in_job_factor(step: StepFit, samples: list[dict]) -> float:
     """How much longer the jobs' steps took than `step` predicts for their shapes, in total."""
-    predicted = sum(step(StepShape(**{k: s[k] for k in StepShape._fields})) for s in samples)
+    predicted = sum(step(_shape_of(s)) for s in samples)
     if predicted <= 0:
         raise ProfileError("the base profile predicts no time for the jobs' steps")
     return sum(s["seconds"] for s in samples) / predicted
@@ -156,7 +156,7 @@ def in_job_split_factors(step: StepFit, samples: list[dict]) -> tuple[float, flo
     positive, as when the jobs ran too few prefill steps to tell."""
     rows = []
     for s in samples:
-        shape = StepShape(**{k: s[k] for k in StepShape._fields})
+        shape = _shape_of(s)
         prefill = sum(getattr(step, term) * getattr(shape, field)
                       for term, field in PREFILL_TERMS.items())
         rows.append([prefill, step(shape) - prefill])
@@ -165,6 +165,11 @@ def in_job_split_factors(step: StepFit, samples: list[dict]) -> tuple[float, flo
         return prefill, rest
     factor = in_job_factor(step, samples)
     return factor, factor
+
+
+def _shape_of(sample: dict) -> StepShape:
+    """The shape of a job's timed step (a `samples_of` row)."""
+    return StepShape(**{k: sample[k] for k in StepShape._fields})
 
 
 # the step model's terms that grow with the prompt tokens a step computes, and their shape field
