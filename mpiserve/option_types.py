@@ -20,3 +20,16 @@ def seconds(minimum: float, inclusive: bool) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{text!r}: use a number of seconds {bound}")
         return value
     return parse
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """A whole number >= `minimum` (a count of runs, repeats, requests)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: use a whole number >= {minimum}")
+        return value
+    return parse

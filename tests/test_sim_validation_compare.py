@@ -1,7 +1,9 @@
 """The validation's comparison (pure): a simulated row against the mean and the range of
-the measured repeats, and the counts the report gives."""
+the measured repeats, and the counts the report gives; --repeats refuses what is not a count."""
 
-from mpiserve.bench.sim_validation import compare, counts
+import pytest
+
+from mpiserve.bench.sim_validation import compare, counts, parse_args
 
 KEY = ("chat", "pd", 2.0)
 
@@ -30,3 +32,11 @@ def test_one_run_has_no_range_and_rows_missing_from_a_repeat_are_left_out():
     assert row["router"] == "pd"
     (single,) = compare([_row(6.0, 0.8)], _row(6.1, 0.75))
     assert single["mean_jct_inside_runs"] is None
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x", "1.5"])
+def test_repeats_must_be_a_whole_number_of_at_least_one(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", value])
+    assert f"argument --repeats: {value!r}: use a whole number >= 1" in capsys.readouterr().err
+    assert parse_args(["--repeats", "3"]).repeats == 3

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..option_types import whole_number
 from .bench_model import ModelShape, write_model
 from .engine_throughput import NO_EOS
 from .gpu_check import engine_generate, seeded_prompts, transformers_generate
@@ -55,7 +56,7 @@ def measure(repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=whole_number(1), default=7)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
     result = measure(args.repeats)

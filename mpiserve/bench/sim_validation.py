@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..option_types import whole_number
 from .report_files import write_report
 from .serving import SEED, mpiserve_command, resolve_model
 
@@ -172,8 +173,9 @@ def parse_args(argv):
     parser.add_argument("--workloads", default="long,chat", help="comma list (default %(default)s)")
     parser.add_argument("--routers", default=ALL_ROUTERS, help="comma list (default: all)")
     parser.add_argument("--num-requests", type=int, default=16, help="requests per run")
-    parser.add_argument("--repeats", type=int, default=1, help="measured jobs per row: the "
-                        "simulation is compared with their mean and range (default 1)")
+    parser.add_argument("--repeats", type=whole_number(1), default=1,
+                        help="measured jobs per row: the simulation is compared with their "
+                             "mean and range (default 1)")
     parser.add_argument("--seed", type=int, default=SEED, help="workload seed")
     parser.add_argument("--profile", help="a profile from `mpiserve profile` (default: "
                         "measure the benchmark model now)")
