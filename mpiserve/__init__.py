@@ -4,6 +4,7 @@
 the pure bookkeeping modules do) does not pull in torch.
 """
 
+import sys
 from pathlib import Path
 
 from .engine.sampling_params import SamplingParams
@@ -20,6 +21,17 @@ _CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
 if not (Path(__file__).parent / "kernels").is_dir() \
         and (_CHECKOUT_ROOT / "kernels" / "__init__.py").is_file():
     __path__.append(str(_CHECKOUT_ROOT))
+
+
+def _off_sys_path(root: Path) -> None:
+    """Take a checkout's root off `sys.path` (`python -m` run from it puts it first): there its
+    kernels/ folder would shadow PyPI's `kernels` package, which transformers 5 imports.
+    mpiserve's own modules resolve through the package's `__path__`, which keeps them."""
+    if (root / "kernels" / "__init__.py").is_file():
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+
+
+_off_sys_path(_CHECKOUT_ROOT)
 
 
 def __getattr__(name: str):

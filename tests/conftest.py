@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import mpiserve  # noqa: F401  first: it takes the checkout's root off sys.path (kernels/ clash)
+
 torch.set_num_threads(1)
 # jobs and LLMs started without a model serve the tiny random demo model, even where the demo
 # extra (SmolLM2) is installed; mpiexec children inherit this
