@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from .linear_weight import for_linear, linear
+
 _PROBE_SHAPE = (64, 512, 512)      # rows, inner, outer: a small prefill-like product
 _PROBE_REPEATS = 3
 
@@ -30,11 +32,11 @@ def choose_matmul_dtype(dtype: torch.dtype, device: torch.device, setting: str) 
 def _seconds_per_matmul(dtype: torch.dtype) -> float:
     rows, inner, outer = _PROBE_SHAPE
     x = torch.ones(rows, inner, dtype=dtype)
-    w = torch.ones(outer, inner, dtype=dtype)
-    torch.nn.functional.linear(x, w)                       # first call: kernel selection
+    w = for_linear(torch.ones(outer, inner, dtype=dtype))   # as the model will hold it
+    linear(x, w)                                           # first call: kernel selection
     best = float("inf")
     for _ in range(_PROBE_REPEATS):
         start = time.perf_counter()
-        torch.nn.functional.linear(x, w)
+        linear(x, w)
         best = min(best, time.perf_counter() - start)
     return best
