@@ -5,7 +5,10 @@ of one layer is ``kv[2, num_pages, page_size, num_kv_heads, head_dim]`` (0 = K, 
 ``page_table[b]`` lists the pages of sequence ``b`` in order. Query head ``h`` reads kv
 head ``h // (H // KVH)`` (grouped-query attention). Both paths compute in float32 with a
 max-subtracted softmax; they agree to a few float32 roundings (the numba kernel sums dot
-products and exponentials in SIMD lanes, so not in the reference's order).
+products and exponentials in SIMD lanes, so not in the reference's order). The numba kernel
+reads K/V a block of up to 16 rows at a time through the vector code of
+:mod:`.attention_blocks`, so it takes head dims that are a multiple of 16 (every Llama, Qwen
+and Mistral size); other head dims run the reference.
 """
 
 import functools
@@ -16,7 +19,9 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
+
+from .attention_blocks import LANES, block_scores, block_shape, block_values, heads_per_call
 
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
@@ -80,51 +85,6 @@ def _prefetch(typingctx, array, offset):
     return sig, codegen
 
 
-def _float_row(row, scratch):
-    """``row`` as float32: itself when it is float32; a half-precision row held as 16-bit
-    patterns (bfloat16 as int16, float16 as uint16) widened into ``scratch``, exactly."""
-
-
-@overload(_float_row, inline="always")
-def _float_row_impl(row, scratch):
-    if row.dtype == types.float32:
-        return lambda row, scratch: row
-    widen_one = _bfloat16_bits if row.dtype == types.int16 else _float16_bits
-
-    def widen(row, scratch):
-        for i in range(row.shape[0]):
-            scratch[i] = widen_one(np.uint32(row[i]) & np.uint32(0xFFFF))
-        return scratch.view(np.float32)
-    return widen
-
-
-@numba.njit(cache=True, inline="always")
-def _bfloat16_bits(h):
-    """float32 bit pattern of the bfloat16 with bits ``h``: its top half."""
-    return h << np.uint32(16)
-
-
-@numba.njit(cache=True, inline="always")
-def _float16_bits(h):
-    """float32 bit pattern of the IEEE half with bits ``h`` (normals, subnormals, zeros,
-    infinities and NaNs)."""
-    sign = (h & np.uint32(0x8000)) << np.uint32(16)
-    exponent = (h >> np.uint32(10)) & np.uint32(0x1F)
-    mantissa = h & np.uint32(0x3FF)
-    if exponent == 0x1F:                                   # inf / NaN
-        return sign | np.uint32(0x7F800000) | (mantissa << np.uint32(13))
-    if exponent != 0:                                      # normal: rebias 15 -> 127
-        return sign | ((exponent + np.uint32(112)) << np.uint32(23)) | (mantissa << np.uint32(13))
-    if mantissa == 0:
-        return sign
-    shift = np.uint32(0)                                   # subnormal: normalise the mantissa
-    while mantissa & np.uint32(0x400) == 0:
-        mantissa <<= np.uint32(1)
-        shift += np.uint32(1)
-    return (sign | ((np.uint32(113) - shift) << np.uint32(23))
-            | ((mantissa & np.uint32(0x3FF)) << np.uint32(13)))
-
-
 @numba.njit(cache=True, fastmath=False)
 def _check_pages(pages, length, page_size, num_pages):
     """Raise unless the first ``ceil(length / page_size)`` page ids are valid."""
@@ -145,47 +105,41 @@ def _pages_ahead(rows):
 
 
 @numba.njit(cache=True, fastmath=False, inline="always")
-def _prefetch_row(row):
-    """Prefetch every cache line of one contiguous ``[KVH, D]`` cache row."""
-    for i in range(0, row.size, _LINE):
-        _prefetch(row, i)
+def _prefetch_block(cache, page, slot, rows):
+    """Prefetch every cache line of rows ``slot .. slot + rows - 1`` of ``cache[page]``
+    (contiguous ``[KVH, D]`` rows)."""
+    for r in range(slot, min(slot + rows, cache.shape[1])):
+        row = cache[page, r]
+        for i in range(0, row.size, _LINE):
+            _prefetch(row, i)
 
 
-@numba.njit(cache=True, fastmath=_SIMD)
-def _attention_scores(queries, keys, pages, length, scale, scores, peaks):
+@numba.njit(cache=True, fastmath=False)
+def _attention_scores(queries, keys, pages, length, scale, scores, peaks, shape):
     """``scores[h, t] = scale * (queries[h] . key(t, h // group))`` and ``peaks[h]`` the
     row maxima.
 
-    Walks the positions in order and reads each position's key row (all kv heads) once,
-    serving every query head of each kv head from it; the row of the same slot
-    ``_pages_ahead`` pages on is prefetched meanwhile.
+    Walks the positions in order, a block of up to 16 rows of one page at a time, serving
+    every query head of each kv head from it (``len(shape)`` heads a call, see
+    ``attention_blocks.block_shape``); the same rows ``_pages_ahead`` pages on are
+    prefetched meanwhile.
     """
     kv_heads, page_size = keys.shape[2], keys.shape[1]
     group = queries.shape[0] // kv_heads
     used = (length + page_size - 1) // page_size
     ahead = _pages_ahead(keys)
-    scratch = np.empty(keys.shape[3], dtype=np.uint32)
     peaks[:] = -np.inf
     for p in range(used):
         page = keys[pages[p]]
-        for s in range(min(page_size, length - p * page_size)):
+        in_page = min(page_size, length - p * page_size)
+        for s in range(0, in_page, LANES):
+            rows = min(LANES, in_page - s)
             if p + ahead < used:
-                _prefetch_row(keys[pages[p + ahead], s])
-            t = p * page_size + s
+                _prefetch_block(keys, pages[p + ahead], s, rows)
             for k in range(kv_heads):
-                key = _float_row(page[s, k], scratch)
-                for h in range(k * group, (k + 1) * group):
-                    score = _dot(queries[h], key) * scale
-                    scores[h, t] = score
-                    peaks[h] = max(peaks[h], score)
-
-
-@numba.njit(cache=True, fastmath=_SIMD, inline="always")
-def _dot(a, b):
-    total = np.float32(0.0)
-    for d in range(a.shape[0]):
-        total += a[d] * b[d]
-    return total
+                for first in range(k * group, (k + 1) * group, len(shape)):
+                    block_scores(queries, first, page, s, k, rows, scale, scores,
+                                 p * page_size + s, peaks, shape)
 
 
 @numba.njit(cache=True, fastmath={"contract"})
@@ -226,49 +180,48 @@ def _softmax_numerators(scores, peaks, exponent, totals):
 
 
 @numba.njit(cache=True, fastmath=_SIMD)
-def _weighted_values(weights, values, pages, length, part, out):
+def _weighted_values(weights, values, pages, length, part, out, shape):
     """``out[h] = sum_t weights[h, t] * value(t, h // group)``.
 
-    Same walk as :func:`_attention_scores` over the value rows; each block of
-    ``_SUM_BLOCK`` positions is summed into ``part`` before joining ``out``.
+    Same walk as :func:`_attention_scores` over the value rows; the blocks of about
+    ``_SUM_BLOCK`` positions are summed into ``part`` before joining ``out``.
     """
     kv_heads, page_size = values.shape[2], values.shape[1]
     group = weights.shape[0] // kv_heads
     used = (length + page_size - 1) // page_size
     ahead = _pages_ahead(values)
-    scratch = np.empty(values.shape[3], dtype=np.uint32)
     out[:] = 0.0
     part[:] = 0.0
+    pending = 0
     for p in range(used):
         page = values[pages[p]]
-        for s in range(min(page_size, length - p * page_size)):
+        in_page = min(page_size, length - p * page_size)
+        for s in range(0, in_page, LANES):
+            rows = min(LANES, in_page - s)
             if p + ahead < used:
-                _prefetch_row(values[pages[p + ahead], s])
-            t = p * page_size + s
+                _prefetch_block(values, pages[p + ahead], s, rows)
             for k in range(kv_heads):
-                value = _float_row(page[s, k], scratch)
-                for h in range(k * group, (k + 1) * group):
-                    _axpy(weights[h, t], value, part[h])
-            if (t + 1) % _SUM_BLOCK == 0 or t + 1 == length:
+                for first in range(k * group, (k + 1) * group, len(shape)):
+                    block_values(weights, first, p * page_size + s, page, s, k, rows, part,
+                                 shape)
+            pending += rows
+            if pending >= _SUM_BLOCK or p * page_size + s + rows == length:
                 for h in range(out.shape[0]):
                     for d in range(out.shape[1]):
                         out[h, d] += part[h, d]
                         part[h, d] = 0.0
-
-
-@numba.njit(cache=True, fastmath=_SIMD, inline="always")
-def _axpy(weight, x, acc):
-    for d in range(acc.shape[0]):
-        acc[d] += weight * x[d]
+                pending = 0
 
 
 @numba.njit(cache=True, fastmath=False)
-def _decode_kernel(q, kv, page_table, context_lens, scale, out):
+def _decode_kernel(q, kv, page_table, context_lens, scale, out, shape):
     """Fill ``out[B, H, D]`` with paged decode attention, reading K/V in place.
 
     Per sequence: scores from the key rows, softmax numerators and their sums, the
     weighted sum of the value rows, then one division per output element. Each sequence
     is computed on its own, so its result does not depend on the rest of the batch.
+    ``shape`` (``attention_blocks.block_shape``) carries the head dim and the query heads
+    one vector call serves, so that each model compiles its own unrolled code.
     """
     heads, dim = q.shape[1], q.shape[2]
     longest = 1
@@ -284,9 +237,9 @@ def _decode_kernel(q, kv, page_table, context_lens, scale, out):
         pages = page_table[b]
         _check_pages(pages, length, kv.shape[2], kv.shape[1])
         scores = scores_buf[:heads * length].reshape((heads, np.intp(length)))
-        _attention_scores(q[b], kv[0], pages, length, scale, scores, peaks)
+        _attention_scores(q[b], kv[0], pages, length, scale, scores, peaks, shape)
         _softmax_numerators(scores, peaks, exponent_buf[:length], totals)
-        _weighted_values(scores, kv[1], pages, length, part, out[b])
+        _weighted_values(scores, kv[1], pages, length, part, out[b], shape)
         for h in range(heads):
             for d in range(dim):
                 out[b, h, d] /= totals[h]
@@ -294,10 +247,11 @@ def _decode_kernel(q, kv, page_table, context_lens, scale, out):
 
 def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
     """Numba version of :func:`paged_decode_attention_reference` for CPU float32, bfloat16
-    and float16 KV (widened row by row as it is read; the query and all sums are float32).
+    and float16 KV (widened as it is read; the query and all sums are float32) with a head
+    dim that is a multiple of 16.
 
-    Reads K/V straight from the pages (no gathered copy). Other dtypes and CUDA tensors go
-    to the torch reference.
+    Reads K/V straight from the pages (no gathered copy). Other dtypes, head dims and CUDA
+    tensors go to the torch reference.
     """
     if not _numba_eligible(q, kv):
         return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
@@ -310,6 +264,7 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
         _as_numpy(context_lens.to(torch.int32)),
         np.float32(scale),
         out.numpy(),
+        block_shape(q.shape[-1], heads_per_call(q.shape[1] // kv.shape[3])),
     )
     return out.to(q.dtype)
 
@@ -317,8 +272,9 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
 def paged_decode_attention(q, kv, page_table, context_lens, scale):
     """Paged decode attention; the entry point the model calls.
 
-    CPU float32, bfloat16 and float16 run the numba kernel, which beat the torch reference at
-    every measured batch size and context length (``results/kernels.md``); CUDA tensors run
+    CPU float32, bfloat16 and float16 with head dims that are multiples of 16 run the numba
+    kernel, which beat the torch reference at every measured batch size and context length
+    (``results/kernels.md``); CUDA tensors run
     the numba-cuda kernel of :mod:`.paged_attention_cuda`.
     """
     if _numba_eligible(q, kv):
@@ -357,7 +313,8 @@ _BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16}
 
 def _numba_eligible(q, kv):
     return (q.device.type == kv.device.type == "cpu" and q.dtype == kv.dtype
-            and kv.dtype in (torch.float32, torch.bfloat16, torch.float16))
+            and kv.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and kv.shape[-1] % LANES == 0)
 
 
 def _as_numpy(tensor):

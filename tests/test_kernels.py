@@ -20,7 +20,8 @@ from mpiserve.kernels import (
     unpack_slots_numba,
     unpack_slots_reference,
 )
-from mpiserve.kernels.paged_attention import _exp_parts, _float16_bits
+from mpiserve.kernels.attention_blocks import block_shape, block_values
+from mpiserve.kernels.paged_attention import _exp_parts
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # (query heads, kv heads): MHA, GQA, MQA
 HEAD_DIMS = [16, 64, 128]
@@ -105,6 +106,19 @@ def test_decode_numba_long_ragged_batch(heads, kv_heads, page_size):
     case = paged_case(heads, kv_heads, 128, page_size, lens, seed=page_size)
     torch.testing.assert_close(paged_decode_attention_numba(*case),
                                paged_decode_attention_reference(*case), **TOLERANCE)
+
+
+def test_decode_numba_group_larger_than_one_call():
+    """40 query heads on one kv head: the vector code serves them 16, 16 and 8 at a time."""
+    case = paged_case(40, 1, 64, 16, [1, 17, 300], seed=5)
+    torch.testing.assert_close(paged_decode_attention_numba(*case),
+                               paged_decode_attention_reference(*case), **TOLERANCE)
+
+
+def test_decode_head_dim_off_the_vector_width_runs_the_reference():
+    case = paged_case(8, 2, 24, 4, [1, 9, 37], seed=4)
+    torch.testing.assert_close(paged_decode_attention(*case), gathered_sdpa(*case),
+                               **TOLERANCE)
 
 
 def test_decode_numba_rounding_does_not_grow_with_context():
@@ -208,21 +222,25 @@ def test_decode_numba_half_precision_negative_values(dtype):
 
 
 def test_float16_widening_is_exact_for_every_bit_pattern():
-    """All 65536 float16 patterns: normals, subnormals, zeros, infinities widen exactly; NaNs
-    stay NaN."""
-    patterns = np.arange(1 << 16, dtype=np.uint32)
-    widened = _widen_float16_array(patterns).view(np.float32)
-    exact = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
+    """All 65536 float16 patterns as value rows weighted by 1: normals, subnormals, zeros and
+    infinities come out exactly (a zero's sign aside); NaNs stay NaN."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    widened = _weighted_by_one(patterns.reshape(-1, 1, 16), block_shape(16, 1))
+    exact = patterns.view(np.float16).astype(np.float32)
     nan = np.isnan(exact)
     np.testing.assert_array_equal(widened[~nan], exact[~nan])
     assert np.isnan(widened[nan]).all()
 
 
 @numba.njit
-def _widen_float16_array(patterns):
-    out = np.empty_like(patterns)
-    for i in range(patterns.shape[0]):
-        out[i] = _float16_bits(patterns[i])
+def _weighted_by_one(page, shape):
+    """Each row of ``page[rows, 1, 16]`` through ``block_values`` alone, with weight 1."""
+    out = np.empty(page.shape[0] * 16, dtype=np.float32)
+    weights, sums = np.ones((1, 1), dtype=np.float32), np.empty((1, 16), dtype=np.float32)
+    for row in range(page.shape[0]):
+        sums[:] = 0.0
+        block_values(weights, 0, 0, page, row, 0, 1, sums, shape)
+        out[row * 16:(row + 1) * 16] = sums[0]
     return out
 
 
