@@ -42,6 +42,18 @@ def test_greedy_rows_are_each_rows_argmax():
     assert picked == [int(torch.argmax(row)) for row in logits]
 
 
+def test_greedy_rows_take_the_first_of_tied_maxima():
+    """bfloat16 logits tie often; a greedy row takes the lowest tied id, as transformers'
+    argmax does."""
+    logits = _logits().bfloat16().float()
+    logits[:, 7] = logits[:, 40] = logits.max(dim=-1).values + 1
+    logits[2, 3] = logits[2, 7]
+    tokens = StepTokens(logits, eos_ids=(0,), generators={})
+    picked = [tokens.pick(_seq(temperature=0.0), row) for row in range(len(logits))]
+    assert picked == [3 if row == 2 else 7 for row in range(len(logits))]
+    assert picked == [int(torch.argmax(row)) for row in logits]
+
+
 def test_sampled_rows_draw_from_their_own_generator():
     logits = _logits()
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
