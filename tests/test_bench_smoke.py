@@ -55,5 +55,6 @@ def test_step_profile_quick(tmp_path, mpiserve_cache):
     for run in report["runs"]:
         assert run["prefill"]["achieved_gflops"] > 0
         assert run["fp32_matmul_gflops_of_model_shapes"] > 0
+        assert run["engine_matmul_gflops_of_model_shapes"] > 0
         assert run["prefill"]["top_ops"] and run["decode"]["top_ops"]
     assert "GFLOP/s" in (out / "step_profile.md").read_text()

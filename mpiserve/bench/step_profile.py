@@ -10,7 +10,8 @@ For each dtype, on one torch thread:
   time and their shares are reported, with the time outside torch (numba kernels, Python);
 * prefill's achieved model FLOP/s (the linear layers of every prompt token, attention over the
   causal context, the LM head of the sampled rows) against the FLOP/s of a single-thread
-  float32 ``F.linear`` of the model's own weight shapes with as many rows as a step holds.
+  product of the model's own weight shapes with as many rows as a step holds: float32
+  ``F.linear``, and the engine's own product (its matmul dtype, its packed weights).
 
 Writes ``step_profile.json`` and ``step_profile.md`` to the output directory.
 """
@@ -30,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from mpiserve import LLM, SamplingParams
 from mpiserve.bench.bench_model import BENCH, QUICK, bench_model_dir
 from mpiserve.bench.report_files import write_report
+from mpiserve.model.linear_weight import for_linear, linear
 
 SEED = 7
 TOP_OPS = 8
@@ -76,13 +78,18 @@ def prefill_flops(llm: LLM, passes: Passes) -> float:
     return passes.prefill_prompts * (n * per_token + attention + lm_head)
 
 
-def matmul_flops_per_s(llm: LLM, rows: int) -> float:
-    """Float32 F.linear of each distinct weight shape with `rows` rows, FLOP-weighted."""
+def matmul_flops_per_s(llm: LLM, rows: int, engine_product: bool = False) -> float:
+    """FLOP/s of each distinct weight shape times `rows` rows, FLOP-weighted: float32
+    F.linear, or (`engine_product`) the engine's own product in its matmul dtype."""
+    dtype = llm.engine.matmul_dtype if engine_product else torch.float32
     total_flops = total_s = 0.0
     for out, inp in sorted(set(linear_shapes(llm))):
-        x, w = torch.randn(rows, inp), torch.randn(out, inp)
-        F.linear(x, w)
-        best = min(_seconds(lambda: F.linear(x, w)) for _ in range(3))    # noqa: B023
+        x, w = torch.randn(rows, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype)
+        if engine_product:
+            w = for_linear(w)
+        product = (lambda: linear(x, w)) if engine_product else (lambda: F.linear(x, w))
+        product()
+        best = min(_seconds(product) for _ in range(3))
         total_flops += 2 * rows * out * inp
         total_s += best
     return total_flops / total_s
@@ -116,7 +123,9 @@ def measure(model_dir: str, dtype: str, passes: Passes) -> dict:
     plain_wall = _seconds(lambda: llm.generate(unprofiled, greedy(1), progress=False))
     decode_wall, decode_top, decode_outside = profiled(llm, decode, greedy(passes.decode_tokens))
     achieved = prefill_flops(llm, passes) / plain_wall
-    roofline = matmul_flops_per_s(llm, ENGINE_OPTIONS["max_batch_tokens"])
+    rows = ENGINE_OPTIONS["max_batch_tokens"]
+    roofline = matmul_flops_per_s(llm, rows)
+    own_roofline = matmul_flops_per_s(llm, rows, engine_product=True)
     return {"dtype": dtype, "matmul_dtype": str(llm.engine.matmul_dtype).removeprefix("torch."),
             "prefill": {"seconds": round(plain_wall, 3), "profiled_seconds": round(wall, 3),
                         "tokens": passes.prefill_prompts * passes.prompt_len,
@@ -126,7 +135,9 @@ def measure(model_dir: str, dtype: str, passes: Passes) -> dict:
                        "tokens": passes.decode_prompts * passes.decode_tokens,
                        "top_ops": decode_top, "outside_torch_share": round(decode_outside, 3)},
             "fp32_matmul_gflops_of_model_shapes": round(roofline / 1e9, 1),
-            "prefill_share_of_matmul_roofline": round(achieved / roofline, 3)}
+            "prefill_share_of_matmul_roofline": round(achieved / roofline, 3),
+            "engine_matmul_gflops_of_model_shapes": round(own_roofline / 1e9, 1),
+            "prefill_share_of_engine_matmul": round(achieved / own_roofline, 3)}
 
 
 def markdown(report: dict) -> str:
@@ -139,7 +150,10 @@ def markdown(report: dict) -> str:
                      f"**{p['achieved_gflops']} GFLOP/s** achieved vs "
                      f"{r['fp32_matmul_gflops_of_model_shapes']} GFLOP/s for a float32 "
                      f"F.linear of the model's shapes "
-                     f"({r['prefill_share_of_matmul_roofline']:.0%})."
+                     f"({r['prefill_share_of_matmul_roofline']:.0%}) and "
+                     f"{r['engine_matmul_gflops_of_model_shapes']} GFLOP/s for the engine's "
+                     f"own {r['matmul_dtype']} product of them "
+                     f"({r['prefill_share_of_engine_matmul']:.0%})."
                      f" Decode: {r['decode']['tokens']} tokens in {r['decode']['seconds']} s.\n")
         for name in ("prefill", "decode"):
             lines.append(f"| {name}: operator | calls | self s | share of wall |\n"
