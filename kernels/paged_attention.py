@@ -26,8 +26,9 @@ from .attention_blocks import LANES, block_scores, block_shape, block_values, he
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
 _LINE = 16  # float32 elements per 64-byte cache line
-# Lets LLVM reorder the sums of dot products and of exponentials into SIMD lanes and fuse
-# multiply-adds; no other fast-math licence (NaN and inf keep IEEE semantics).
+# Lets LLVM reorder the sums of exponentials into SIMD lanes and fuse multiply-adds (the dot
+# products are vector code already); no other fast-math licence (NaN and inf keep IEEE
+# semantics).
 _SIMD = {"reassoc", "contract"}
 
 # expf by Cody-Waite range reduction and the Cephes polynomial (within 1 ulp of exp for
