@@ -19,6 +19,8 @@ VEC = ir.VectorType(F32, LANES)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 FUSE = ("contract",)        # a multiply and its add may fuse into one FMA
+_HALVES = ir.VectorType(ir.HalfType(), LANES)
+_SHORTS = ir.VectorType(ir.IntType(16), LANES)
 
 
 def const(value: int) -> ir.Constant:
@@ -44,6 +46,40 @@ def load_lanes(builder, pointer, dtype) -> ir.Value:
         return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), LANES)), VEC)
     wide = builder.zext(bits, ir.VectorType(I32, LANES))       # bfloat16: the top half
     return builder.bitcast(builder.shl(wide, ir.Constant(wide.type, [16] * LANES)), VEC)
+
+
+def _ints(value: int, bits: int = 32) -> ir.Constant:
+    return ir.Constant(ir.VectorType(ir.IntType(bits), LANES), [value] * LANES)
+
+
+def round_lanes(builder, vector, dtype) -> ir.Value:
+    """`vector` rounded to the nearest even value of `dtype` (float32: unchanged), still as
+    float32 lanes. bfloat16 rounds as torch does: NaN becomes 0x7FC0, anything else adds
+    0x7FFF plus its lowest kept bit and drops the low half (so overflow goes to infinity)."""
+    if dtype == types.float32:
+        return vector
+    if dtype == types.uint16:
+        return builder.fpext(builder.fptrunc(vector, _HALVES), VEC)
+    bits = builder.bitcast(vector, ir.VectorType(I32, LANES))
+    kept_lsb = builder.and_(builder.lshr(bits, _ints(16)), _ints(1))
+    rounded = builder.and_(builder.add(builder.add(bits, _ints(0x7FFF)), kept_lsb),
+                           _ints(-0x10000))
+    nan = builder.fcmp_unordered("uno", vector, vector)
+    return builder.bitcast(builder.select(nan, _ints(0x7FC00000), rounded), VEC)
+
+
+def store_rounded(builder, vector, pointer, dtype) -> None:
+    """16 float32 lanes to consecutive elements of `dtype` at `pointer`, rounded as
+    :func:`round_lanes` does."""
+    if dtype == types.float32:
+        builder.store(vector, builder.bitcast(pointer, VEC.as_pointer()), align=4)
+        return
+    if dtype == types.uint16:
+        bits = builder.bitcast(builder.fptrunc(vector, _HALVES), _SHORTS)
+    else:
+        wide = builder.bitcast(round_lanes(builder, vector, dtype), ir.VectorType(I32, LANES))
+        bits = builder.trunc(builder.lshr(wide, _ints(16)), _SHORTS)
+    builder.store(bits, builder.bitcast(pointer, _SHORTS.as_pointer()), align=2)
 
 
 def multiply_add(builder, a, b, c) -> ir.Value:
@@ -104,12 +140,14 @@ def store_lanes(builder, vector, count, pointer, scratch) -> None:
 
 class Args:
     """An intrinsic's arguments as LLVM values: arrays with their numba types, integers as
-    64-bit, floats as float32."""
+    64-bit, floats as float32, None as None."""
 
     def __init__(self, context, builder, signature, args, names):
         self.context, self.builder = context, builder
         for name, ty, value in zip(names, signature.args, args):
-            if isinstance(ty, types.Array):
+            if isinstance(ty, types.NoneType):
+                value = None
+            elif isinstance(ty, types.Array):
                 value = (ty, context.make_array(ty)(context, builder, value))
             elif isinstance(ty, types.Integer):
                 value = context.cast(builder, value, ty, types.intp)

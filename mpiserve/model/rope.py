@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from mpiserve.kernels import half_rows
+
 from .model_config import ModelConfig
 
 
@@ -47,7 +49,19 @@ class RotaryTable:
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D] rotated by the angles whose cos/sin `RotaryTable.lookup` gave."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           overwrite: bool = False) -> torch.Tensor:
+    """x: [T, heads, D] rotated by the angles whose cos/sin `RotaryTable.lookup` gave. With
+    `overwrite`, half-precision CPU heads that lie side by side in each row are rotated in
+    place by `kernels.half_rows` (bit-identical to the operators below) and `x` is returned."""
+    if overwrite and _rotates_in_place(x, cos):
+        rows = x.as_strided((x.shape[0], x.shape[1] * x.shape[2]), (x.stride(0), 1))
+        half_rows.rotate_heads_(rows, x.shape[1], cos[:, 0], sin[:, 0])
+        return x
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _rotates_in_place(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    return (x.dim() == 3 and x.stride(1) == x.shape[2]
+            and half_rows.eligible(x, cos, multiple=2 * half_rows.LANES))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mpiserve.kernels import paged_decode_attention
+from mpiserve.kernels import half_rows, paged_decode_attention
 
 from .linear_weight import for_linear, linear
 from .model_config import ModelConfig
@@ -70,6 +70,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def residual_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`rms_norm(s)`, `s`) for the residual stream `s = x + delta` (`x` when `delta` is None).
+    Half-precision CPU rows take the one-pass kernel of `kernels.half_rows`; float32 keeps
+    transformers' operators (and so its roundings)."""
+    if x.dim() == 2 and half_rows.eligible(x, weight, *(() if delta is None else (delta,))):
+        return half_rows.rms_norm(x, weight, eps, delta)
+    if delta is not None:
+        x = x + delta
+    return rms_norm(x, weight, eps), x
 
 
 class Transformer:
@@ -128,15 +140,20 @@ class Transformer:
         """Writes the batch's K/V into `kv_layers`; returns float32 logits [S, vocab]."""
         x = self.tp.embed(batch.input_ids, self.embed, self.full_config)   # [T, hidden]
         angles = self.rotary.lookup(batch.positions, x.dtype)
+        eps = self.config.rms_norm_eps
+        delta = None            # the last sublayer's output, not yet added to the stream x
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.config.rms_norm_eps),
-                                    batch, kv_layers[index], angles)
-            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.config.rms_norm_eps))
+            h, x = residual_rms_norm(x, delta, layer.input_norm, eps)
+            delta = self._attention(layer, h, batch, kv_layers[index], angles)
+            h, x = residual_rms_norm(x, delta, layer.post_norm, eps)
+            delta = self._mlp(layer, h)
             if after_layer is not None:
                 after_layer(index)
         rows = batch.logit_rows
-        hidden = x if rows is None else x[rows]
-        logits = linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head)
+        if rows is not None:
+            x, delta = x[rows], delta[rows]
+        h, _ = residual_rms_norm(x, delta, self.norm, eps)
+        logits = linear(h, self.lm_head)
         return self.tp.gather_logits(logits, self.full_config).float()
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -151,7 +168,7 @@ class Transformer:
         qk, v = qkv.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
         qk, v = qk.view(-1, heads + kv_heads, dim), v.view(-1, kv_heads, dim)
         if layer.q_norm is None:        # queries and keys rotate as one tensor: half the ops
-            q, k = rotate(qk, *angles).split([heads, kv_heads], dim=1)
+            q, k = rotate(qk, *angles, overwrite=True).split([heads, kv_heads], dim=1)
         else:
             q, k = qk.split([heads, kv_heads], dim=1)
             q = rotate(rms_norm(q, layer.q_norm, c.rms_norm_eps), *angles)
