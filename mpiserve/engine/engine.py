@@ -15,6 +15,7 @@ from ..model.transformer import ForwardBatch, PrefillSpan, Transformer
 from .engine_config import EngineConfig
 from .engine_core import EngineCore, TokenEvent
 from .forward_batch_builder import build_forward_batch, logit_positions, order_chunks
+from .heap_reuse import keep_freed_memory
 from .kv_cache import KVCache, pages_for_budget
 from .page_pool import PagePool
 from .sampler import new_generator
@@ -48,6 +49,8 @@ class Engine(EngineCore):
         self.plans = plans
         self.model_dir = config.model or str(default_model())
         self.device = pick_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         tp = tp or TensorParallel.single()
         self.model_config, weights = load_checkpoint(self.model_dir, config.dtype, tp.shard)
         weights = {name: t.to(self.device) for name, t in weights.items()}
