@@ -28,11 +28,15 @@ def pages_for_budget(config: ModelConfig, page_size: int, budget_bytes: int) -> 
 
 
 class KVCache:
+    """The page pool's K/V, one tensor per layer. Written with zeros at start: the memory is
+    claimed (and a host short of it fails) before the first request, and no request pays for
+    faulting in pages its K/V lands on."""
+
     def __init__(self, config: ModelConfig, num_pages: int, page_size: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.num_pages, self.page_size = num_pages, page_size
         shape = (2, num_pages, page_size, config.num_kv_heads, config.head_dim)
-        self.layers = [torch.empty(shape, dtype=dtype, device=device)
+        self.layers = [torch.zeros(shape, dtype=dtype, device=device)
                        for _ in range(config.num_layers)]
 
     @property
