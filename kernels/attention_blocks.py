@@ -80,9 +80,11 @@ def block_scores(typingctx, queries, first_head, page, slot, kv_head, rows, scal
         head_ids = [builder.add(a.first_head, const(g)) for g in range(heads)]
         queries = [[load_lanes(builder, a.pointer(a.queries, head, const(c * LANES)),
                                 types.float32) for c in range(chunks)] for head in head_ids]
-        # dots[g * 16 + row]: the row's 16 partial sums for head g; rows past `rows` stay 0
+        # dots[g * 16 + row]: the row's 16 partial sums for head g; rows past `rows` are 0
+        # (a whole block writes every row, so only a partial one clears them first)
         dots = cgutils.alloca_once(builder, VEC, size=heads * LANES)
-        cgutils.memset(builder, dots, const(heads * LANES * 4 * LANES), 0)
+        with builder.if_then(builder.icmp_unsigned("<", a.rows, const(LANES))):
+            cgutils.memset(builder, dots, const(heads * LANES * 4 * LANES), 0)
         with cgutils.for_range(builder, a.rows) as row_loop:
             key_row = a.pointer(a.page, builder.add(a.slot, row_loop.index), a.kv_head, const(0))
             keys = [load_lanes(builder, builder.gep(key_row, [const(c * LANES)]),
