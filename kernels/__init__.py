@@ -1,5 +1,5 @@
 """Numba CPU kernels with torch references: paged decode attention and KV slot packing;
-``half_rows`` holds a half-precision layer's elementwise chains (residual + RMS norm, rotary).
+``fused_rows`` holds a layer's elementwise chains (residual + RMS norm, rotary) in one pass.
 
 Each public function dispatches to whichever implementation the benchmark in
 ``mpiserve.bench.kernels`` measured faster for the tensors it gets.

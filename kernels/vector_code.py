@@ -1,7 +1,7 @@
 """16-lane float32 vector code for numba intrinsics: loads that widen half precision,
 stores that round to it, lane sums and maxima, and the arguments of an intrinsic as LLVM values.
 
-The kernels built on it (``attention_blocks``, ``half_rows``) are written as LLVM vectors
+The kernels built on it (``attention_blocks``, ``fused_rows``) are written as LLVM vectors
 because numba's scalar loops over 16-bit patterns were not vectorised by LLVM. Half-precision
 arrays arrive as 16-bit integers whose type names the format: ``int16`` is bfloat16, ``uint16``
 IEEE half (see ``paged_attention._BITS_OF``).

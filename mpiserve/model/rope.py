@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from mpiserve.kernels import half_rows
+from mpiserve.kernels import fused_rows
 
 from .model_config import ModelConfig
 
@@ -52,11 +52,12 @@ class RotaryTable:
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            overwrite: bool = False) -> torch.Tensor:
     """x: [T, heads, D] rotated by the angles whose cos/sin `RotaryTable.lookup` gave. With
-    `overwrite`, half-precision CPU heads that lie side by side in each row are rotated in
-    place by `kernels.half_rows` (bit-identical to the operators below) and `x` is returned."""
+    `overwrite`, CPU heads (float32 or half precision) that lie side by side in each row are
+    rotated in place by `kernels.fused_rows` (bit-identical to the operators below) and `x` is
+    returned."""
     if overwrite and _rotates_in_place(x, cos):
         rows = x.as_strided((x.shape[0], x.shape[1] * x.shape[2]), (x.stride(0), 1))
-        half_rows.rotate_heads_(rows, x.shape[1], cos[:, 0], sin[:, 0])
+        fused_rows.rotate_heads_(rows, x.shape[1], cos[:, 0], sin[:, 0])
         return x
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
@@ -64,4 +65,5 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 def _rotates_in_place(x: torch.Tensor, cos: torch.Tensor) -> bool:
     return (x.dim() == 3 and x.stride(1) == x.shape[2]
-            and half_rows.eligible(x, cos, multiple=2 * half_rows.LANES))
+            and fused_rows.eligible(x, cos, multiple=2 * fused_rows.LANES,
+                                   dtypes=(*fused_rows.HALF, torch.float32)))

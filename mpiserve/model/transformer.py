@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mpiserve.kernels import half_rows, paged_decode_attention
+from mpiserve.kernels import fused_rows, paged_decode_attention
 
 from .linear_weight import for_linear, linear
 from .model_config import ModelConfig
@@ -75,10 +75,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def residual_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(`rms_norm(s)`, `s`) for the residual stream `s = x + delta` (`x` when `delta` is None).
-    Half-precision CPU rows take the one-pass kernel of `kernels.half_rows`; float32 keeps
+    Half-precision CPU rows take the one-pass kernel of `kernels.fused_rows`; float32 keeps
     transformers' operators (and so its roundings)."""
-    if x.dim() == 2 and half_rows.eligible(x, weight, *(() if delta is None else (delta,))):
-        return half_rows.rms_norm(x, weight, eps, delta)
+    if x.dim() == 2 and fused_rows.eligible(x, weight, *(() if delta is None else (delta,))):
+        return fused_rows.rms_norm(x, weight, eps, delta)
     if delta is not None:
         x = x + delta
     return rms_norm(x, weight, eps), x
@@ -171,8 +171,8 @@ class Transformer:
             q, k = rotate(qk, *angles, overwrite=True).split([heads, kv_heads], dim=1)
         else:
             q, k = qk.split([heads, kv_heads], dim=1)
-            q = rotate(rms_norm(q, layer.q_norm, c.rms_norm_eps), *angles)
-            k = rotate(rms_norm(k, layer.k_norm, c.rms_norm_eps), *angles)
+            q = rotate(rms_norm(q, layer.q_norm, c.rms_norm_eps), *angles, overwrite=True)
+            k = rotate(rms_norm(k, layer.k_norm, c.rms_norm_eps), *angles, overwrite=True)
         flat = kv.view(2, -1, kv_heads, dim)                     # [2, slots, KVH, D]
         flat[0].index_copy_(0, batch.slots, k)
         flat[1].index_copy_(0, batch.slots, v)

@@ -1,12 +1,13 @@
-"""kernels.half_rows: the one-pass residual + RMS norm and rotary kernels against torch's
-operators (the references the model uses for float32 and for rows the kernels do not take)."""
+"""kernels.fused_rows: the one-pass residual + RMS norm and rotary kernels against torch's
+operators (the references the model uses for rows the kernels do not take, and for a float32
+norm)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mpiserve.kernels import half_rows
+from mpiserve.kernels import fused_rows
 from mpiserve.model.rope import rotate
 from mpiserve.model.transformer import residual_rms_norm, rms_norm
 
@@ -29,7 +30,7 @@ def rows(count: int, width: int, dtype, seed: int, scale: float = 1.0) -> torch.
 def test_residual_norm_matches_torch(dtype, width):
     x, delta = rows(33, width, dtype, 1), rows(33, width, dtype, 2, scale=3.0)
     weight = rows(1, width, dtype, 3)[0].abs() + 0.5
-    normed, stream = half_rows.rms_norm(x, weight, 1e-5, delta)
+    normed, stream = fused_rows.rms_norm(x, weight, 1e-5, delta)
     assert torch.equal(stream, x + delta)                  # the residual sum: bit-identical
     expected = rms_norm(x + delta, weight, 1e-5)
     apart = ulps_apart(normed, expected)
@@ -37,7 +38,7 @@ def test_residual_norm_matches_torch(dtype, width):
     # other way, in rare elements, and the weight's product of it once more
     assert apart.max() <= 2
     assert (apart > 0).float().mean() < 1e-3
-    plain, same = half_rows.rms_norm(x, weight, 1e-5)
+    plain, same = fused_rows.rms_norm(x, weight, 1e-5)
     assert same is x
     assert ulps_apart(plain, rms_norm(x, weight, 1e-5)).max() <= 2
 
@@ -56,7 +57,7 @@ def test_norm_rounds_specials_as_torch(dtype):
     x[2, :] = biggest
     delta[2, :] = biggest
     weight = torch.ones(width, dtype=dtype)
-    normed, stream = half_rows.rms_norm(x, weight, 1e-6, delta)
+    normed, stream = fused_rows.rms_norm(x, weight, 1e-6, delta)
     expected_stream = x + delta
     assert torch.equal(stream.isnan(), expected_stream.isnan())
     assert torch.equal(stream.nan_to_num(0.0), expected_stream.nan_to_num(0.0))
@@ -66,7 +67,7 @@ def test_norm_rounds_specials_as_torch(dtype):
     assert normed[0].isnan().all() and normed[1].isnan().sum() == 1
 
 
-@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("dtype", [*HALF, torch.float32])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_rotation_in_place_is_bit_identical(dtype, head_dim):
     tokens, heads, kv_heads = 19, 6, 2
@@ -83,11 +84,11 @@ def test_rotation_in_place_is_bit_identical(dtype, head_dim):
 
 
 def test_rows_the_kernels_do_not_take_keep_torch():
-    """float32, and widths off the vector length, run torch's operators unchanged."""
+    """A float32 norm, and widths off the vector length, run torch's operators unchanged."""
     for dtype, width in [(torch.float32, 64), (torch.bfloat16, 24)]:
         x, delta = rows(5, width, dtype, 6), rows(5, width, dtype, 7)
         weight = torch.ones(width, dtype=dtype)
-        assert not half_rows.eligible(x, weight)
+        assert not fused_rows.eligible(x, weight)
         normed, stream = residual_rms_norm(x, delta, weight, 1e-5)
         assert torch.equal(stream, x + delta)
         assert torch.equal(normed, rms_norm(x + delta, weight, 1e-5))

@@ -1,8 +1,8 @@
-"""A half-precision layer's elementwise chains, one pass over each row in 16-lane vector code.
+"""A layer's elementwise chains, one pass over each row in 16-lane vector code.
 
-In bfloat16 and float16, torch runs each step of a chain as its own operator: about nine passes
-over the rows for a residual sum and the RMS norm after it, five for the rotary embedding. Here
-each chain is one pass over a row (two for the norm), widening to float32 as it loads and
+Torch runs each step of a chain as its own operator: about nine passes over the rows for a
+residual sum and the RMS norm after it, five for the rotary embedding. Here each chain is one
+pass over a row (two for the norm), widening half precision to float32 as it loads and
 rounding where torch's operators round, so that:
 
 - the rotary embedding and the residual sum are bit-identical to the torch reference (their
@@ -10,14 +10,17 @@ rounding where torch's operators round, so that:
   torch rounds it);
 - the norm differs only in the order its squares are summed, which can round the normed value
   the other way in rare elements (and the weight's product of it once more: two units in the
-  last place at most).
+  last place at most). So it serves bfloat16 and float16 only: float32 keeps transformers'
+  operators, and with them its roundings;
+- the rotation also serves float32, where each product and the sum are one IEEE operation,
+  as torch's are (no fused multiply-add): bit-identical again.
 
 SiLU times up is not here: written the same way it ran no faster than torch's operators (both
 are bound by the exp and the division, not by memory).
 
-Arrays arrive as 16-bit patterns (``int16`` bfloat16, ``uint16`` float16) and rows must have
-a length that is a multiple of 16 (rotary: head dims a multiple of 32); :func:`eligible`
-says when the tensors qualify, and callers keep torch for anything else.
+Half-precision arrays arrive as 16-bit patterns (``int16`` bfloat16, ``uint16`` float16), and
+rows must have a length that is a multiple of 16 (rotary: head dims a multiple of 32);
+:func:`eligible` says when the tensors qualify, and callers keep torch for anything else.
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ from .vector_code import (
     store_rounded,
 )
 
-_BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16}
+_BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16, torch.float32: torch.float32}
+HALF = (torch.bfloat16, torch.float16)
 
 
 def _element(array) -> types.Type:
-    if not (isinstance(array, types.Array) and array.dtype in (types.int16, types.uint16)):
-        raise TypingError(f"expected 16-bit patterns of a half-precision array, got {array}")
+    if not (isinstance(array, types.Array)
+            and array.dtype in (types.int16, types.uint16, types.float32)):
+        raise TypingError(f"expected float32 or 16-bit patterns of a half-precision array, "
+                          f"got {array}")
     return array.dtype
 
 
@@ -172,11 +178,11 @@ def _rotate_rows(x, heads, cos, sin):
         _rotate_row(x, row, heads, cos, sin)
 
 
-def eligible(*tensors: torch.Tensor, multiple: int = LANES) -> bool:
-    """Whether these kernels take the tensors: CPU, one half-precision dtype, rows of a
+def eligible(*tensors: torch.Tensor, multiple: int = LANES, dtypes=HALF) -> bool:
+    """Whether these kernels take the tensors: CPU, one of `dtypes` for all, rows of a
     length that is a multiple of `multiple`, each row contiguous."""
     first = tensors[0]
-    return first.dtype in _BITS_OF and all(
+    return first.dtype in dtypes and all(
         t.device.type == "cpu" and t.dtype == first.dtype and t.shape[-1] % multiple == 0
         and t.stride(-1) == 1 for t in tensors)
 
