@@ -35,6 +35,7 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from .vector_code import (
+    BITS_OF,
     LANES,
     VEC,
     Args,
@@ -47,7 +48,6 @@ from .vector_code import (
     store_rounded,
 )
 
-_BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16, torch.float32: torch.float32}
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -67,15 +67,16 @@ def _chunks(a: Args, array) -> ir.Value:
 
 
 @intrinsic
-def _sum_squares(typingctx, x, delta, row, total_out):
+def _sum_squares(typingctx, x, delta, row, stream):
     """The float32 sum of squares of row ``row`` of ``x`` (of ``x + delta`` rounded to the half
-    type when ``delta`` is an array, that sum being written to ``total_out``'s row)."""
+    type when ``delta`` is an array, that sum being written to ``stream``'s row; with ``delta``
+    None, ``stream`` is not written)."""
     dtype = _element(x)
     fused = not isinstance(delta, types.NoneType)
-    sig = types.float32(x, delta, row, total_out)
+    sig = types.float32(x, delta, row, stream)
 
     def codegen(context, builder, signature, args):
-        a = Args(context, builder, signature, args, ("x", "delta", "row", "total_out"))
+        a = Args(context, builder, signature, args, ("x", "delta", "row", "stream"))
         accumulator = cgutils.alloca_once_value(builder, ir.Constant(VEC, None))
         with cgutils.for_range(builder, _chunks(a, a.x)) as loop:
             column = builder.mul(loop.index, const(LANES))
@@ -83,7 +84,7 @@ def _sum_squares(typingctx, x, delta, row, total_out):
             if fused:
                 lanes = round_lanes(builder, builder.fadd(
                     lanes, load_lanes(builder, a.pointer(a.delta, a.row, column), dtype)), dtype)
-                store_rounded(builder, lanes, a.pointer(a.total_out, a.row, column), dtype)
+                store_rounded(builder, lanes, a.pointer(a.stream, a.row, column), dtype)
             builder.store(multiply_add(builder, lanes, lanes, builder.load(accumulator)),
                           accumulator)
         sums = lane_sums(builder, [builder.load(accumulator)] + [ir.Constant(VEC, None)]
@@ -129,15 +130,14 @@ def _rotate_row(typingctx, x, row, heads, cos, sin):
         def rounded_product(u, v):
             return round_lanes(builder, builder.fmul(u, v), dtype)
 
+        def load(array, *index):
+            return load_lanes(builder, a.pointer(array, *index), dtype)
+
         with cgutils.for_range(builder, a.heads) as head_loop:
             start = builder.mul(head_loop.index, dim)
             with cgutils.for_range(builder, chunks) as loop:
                 low = builder.mul(loop.index, const(LANES))
                 high = builder.add(low, half)
-
-                def load(array, *index):
-                    return load_lanes(builder, a.pointer(array, *index), dtype)
-
                 first = load(a.x, a.row, builder.add(start, low))
                 second = load(a.x, a.row, builder.add(start, high))
                 new_first = builder.fadd(rounded_product(first, load(a.cos, a.row, low)),
@@ -155,21 +155,14 @@ def _rotate_row(typingctx, x, row, heads, cos, sin):
 
 
 @numba.njit(cache=True)
-def _norm_rows(x, delta, weight, eps, total_out, out):
+def _norm_rows(x, delta, weight, eps, stream, out):
+    """Normed rows of ``stream = x + delta`` into ``out``; with ``delta`` None (compiled apart),
+    ``stream`` is ``x`` itself."""
     width = np.float32(x.shape[1])
     for row in range(x.shape[0]):
-        squares = _sum_squares(x, delta, row, total_out)
+        squares = _sum_squares(x, delta, row, stream)
         factor = np.float32(1.0) / np.sqrt(squares / width + eps)
-        _scale_row(total_out, row, factor, weight, out)
-
-
-@numba.njit(cache=True)
-def _plain_norm_rows(x, weight, eps, out):
-    width = np.float32(x.shape[1])
-    for row in range(x.shape[0]):
-        squares = _sum_squares(x, None, row, None)
-        factor = np.float32(1.0) / np.sqrt(squares / width + eps)
-        _scale_row(x, row, factor, weight, out)
+        _scale_row(stream, row, factor, weight, out)
 
 
 @numba.njit(cache=True)
@@ -188,7 +181,7 @@ def eligible(*tensors: torch.Tensor, multiple: int = LANES, dtypes=HALF) -> bool
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.view(_BITS_OF[tensor.dtype]).numpy()
+    return tensor.view(BITS_OF[tensor.dtype]).numpy()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -196,12 +189,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """(``weight * half(s * rsqrt(mean(s^2) + eps))``, ``s``) for ``s = x`` (``x + delta``
     rounded when `delta` is given) over the rows of 2-D `x`."""
     out = torch.empty_like(x)
-    if delta is None:
-        _plain_norm_rows(_bits(x), _bits(weight), np.float32(eps), _bits(out))
-        return out, x
-    total = torch.empty_like(x)
-    _norm_rows(_bits(x), _bits(delta), _bits(weight), np.float32(eps), _bits(total), _bits(out))
-    return out, total
+    stream = x if delta is None else torch.empty_like(x)
+    _norm_rows(_bits(x), None if delta is None else _bits(delta), _bits(weight),
+               np.float32(eps), _bits(stream), _bits(out))
+    return out, stream
 
 
 def rotate_heads_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> None:

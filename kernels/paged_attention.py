@@ -22,6 +22,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from .attention_blocks import LANES, block_scores, block_shape, block_values, heads_per_call
+from .vector_code import BITS_OF
 
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
@@ -257,7 +258,7 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
     if not _numba_eligible(q, kv):
         return paged_decode_attention_reference(q, kv, page_table, context_lens, scale)
     out = torch.empty(q.shape, dtype=torch.float32)
-    pages = kv.view(_BITS_OF.get(kv.dtype, kv.dtype))
+    pages = kv.view(BITS_OF[kv.dtype])
     _decode_kernel(
         _as_numpy(q.float()),
         _as_numpy(pages),
@@ -305,11 +306,6 @@ def _cuda_or_reference(q, kv, page_table, context_lens, scale):
 def _warn_fallback(reason):
     warnings.warn(f"CUDA decode attention falls back to the torch reference: {reason}",
                   RuntimeWarning, stacklevel=3)
-
-
-# how the kernel receives half-precision KV: as 16-bit patterns whose integer type names the
-# format (numba has no bfloat16 or float16 on CPU)
-_BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16}
 
 
 def _numba_eligible(q, kv):

@@ -4,16 +4,20 @@ stores that round to it, lane sums and maxima, and the arguments of an intrinsic
 The kernels built on it (``attention_blocks``, ``fused_rows``) are written as LLVM vectors
 because numba's scalar loops over 16-bit patterns were not vectorised by LLVM. Half-precision
 arrays arrive as 16-bit integers whose type names the format: ``int16`` is bfloat16, ``uint16``
-IEEE half (see ``paged_attention._BITS_OF``).
+IEEE half (see :data:`BITS_OF`).
 """
 
 from __future__ import annotations
 
+import torch
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
 LANES = 16
+# the dtype a kernel's array of each torch dtype is viewed as: half precision as 16-bit
+# patterns whose integer type names the format (numba has no bfloat16 or float16 on CPU)
+BITS_OF = {torch.bfloat16: torch.int16, torch.float16: torch.uint16, torch.float32: torch.float32}
 F32 = ir.FloatType()
 VEC = ir.VectorType(F32, LANES)
 I32 = ir.IntType(32)
