@@ -40,6 +40,9 @@ def test_engine_throughput_quick(tmp_path, mpiserve_cache):
     # vLLM is not given here: skipped with the reason, mpiserve's figures still per dtype
     assert list(result["dtypes"]) == ["float32"]
     assert result["dtypes"]["float32"]["mpiserve_tokens_per_s"] > 0
+    assert result["dtypes"]["float32"]["mpiserve_matmul_dtype"] == "float32"
+    units = result["half_precision_units"]
+    assert units is None or set(units) <= {"amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16"}
     assert "--vllm-python" in result["dtypes"]["float32"]["vllm_skipped"]
     assert result["ttft"][0]["first_s"] > 0 and result["ttft"][0]["warm_s"] > 0
 

@@ -27,6 +27,7 @@ def compare_dtype(model_dir: Path, dtype: str, prompts, max_tokens, mpiserve_run
     ours_tps = total / mpiserve_run["seconds"]
     entry = {"mpiserve_tokens_per_s": round(ours_tps, 2),
              "mpiserve_seconds": round(mpiserve_run["seconds"], 3),
+             "mpiserve_matmul_dtype": mpiserve_run["matmul_dtype"],
              "mpiserve_all_full_length": mpiserve_run["all_full_length"]}
     if vllm_python is None:
         return entry | {"vllm_skipped": vllm_skip_reason}
@@ -72,17 +73,18 @@ def first_request_ttft(model_dir: Path, dtype: str, vocab: int, engine_options: 
 
 def markdown_lines(by_dtype: dict, ttft: list[dict]) -> list[str]:
     lines = ["## mpiserve vs vLLM CPU, per dtype", "",
-             "| dtype | mpiserve tok/s | vLLM tok/s | mpiserve / vLLM | identical outputs |",
-             "|---|---:|---:|---:|---:|"]
+             "| dtype | mpiserve multiplies in | mpiserve tok/s | vLLM tok/s | mpiserve / vLLM "
+             "| identical outputs |",
+             "|---|---|---:|---:|---:|---:|"]
     for dtype, e in by_dtype.items():
+        head = f"| {dtype} | {e['mpiserve_matmul_dtype']} | {e['mpiserve_tokens_per_s']:.1f} |"
         if "vllm_tokens_per_s" in e:
-            lines.append(f"| {dtype} | {e['mpiserve_tokens_per_s']:.1f} | "
+            lines.append(f"{head} "
                          f"{e['vllm_tokens_per_s']:.1f} | "
                          f"{e['ratio_mpiserve_over_vllm']:.2f}x | "
                          f"{e['identical_outputs']}/{e['compared_outputs']} |")
         else:
-            lines.append(f"| {dtype} | {e['mpiserve_tokens_per_s']:.1f} | skipped: "
-                         f"{e['vllm_skipped']} | | |")
+            lines.append(f"{head} skipped: {e['vllm_skipped']} | | |")
     lines.append("")
     lines += [f"First request after engine start ({t['dtype']}, {t['prompt_len']}-token "
               f"prompt, one token): {t['first_s'] * 1000:.0f} ms against "

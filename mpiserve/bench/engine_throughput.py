@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from mpiserve.bench import dtype_runs, vllm_worker
+from mpiserve.bench import cpu_features, dtype_runs, vllm_worker
 from mpiserve.bench.bench_model import ModelShape, write_model
 from mpiserve.bench.report_files import write_report
 from mpiserve.model import smollm2
@@ -121,6 +121,7 @@ def run_mpiserve(model_dir: Path, prompts, max_tokens, repeats: int,
         tokens = [o.token_ids for o in outputs]
         if first is None:
             first = {"outputs": tokens,
+                     "matmul_dtype": str(llm.engine.matmul_dtype).removeprefix("torch."),
                      "generated_tokens": sum(map(len, tokens)),
                      "all_full_length": all(len(t) == m for t, m in zip(tokens, max_tokens)),
                      "preemptions": llm.engine.scheduler.num_preemptions,
@@ -274,7 +275,8 @@ def markdown(r: dict) -> str:
         "",
         f"Model: {r['model_description']} ({r['params']:,} parameters), CPU, "
         f"{r['torch_threads']} thread per engine. torch {r['torch_version']}, transformers "
-        f"{r['transformers_version']}, {r['machine']}, {r['cpus']} CPUs (1-minute load "
+        f"{r['transformers_version']}, {r['machine']}, {r['cpus']} CPUs, "
+        f"{cpu_features.describe(r.get('half_precision_units'))} (1-minute load "
         f"average {r['load_average_before']} before the run, {r['load_average_after']} after).",
         "",
         f"Workload: {r['prompts']} prompts of random token ids, prompt lengths uniform "
@@ -438,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         "python_version": platform.python_version(),
         "machine": f"{platform.machine()} {platform.system()}",
         "cpus": os.cpu_count(),
+        "half_precision_units": cpu_features.half_precision_units(),
         # other processes on the machine skew the timings: 1-minute load averages, for reference
         "load_average_before": round(load_before[0], 2),
         "load_average_after": round(load_after[0], 2),
