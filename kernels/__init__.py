@@ -1,5 +1,5 @@
-"""Numba CPU kernels with torch references: paged decode attention and KV slot packing;
-``fused_rows`` holds a layer's elementwise chains (residual + RMS norm, rotary) in one pass.
+"""Numba CPU kernels with torch references: paged decode attention, prefill attention and KV
+slot packing; ``fused_rows`` holds a layer's elementwise chains (residual + RMS norm, rotary) in one pass.
 
 Each public function dispatches to whichever implementation the benchmark in
 ``mpiserve.bench.kernels`` measured faster for the tensors it gets.
@@ -12,6 +12,11 @@ from .kv_pack import (
     unpack_slots,
     unpack_slots_numba,
     unpack_slots_reference,
+)
+from .prefill_attention import (
+    prefill_attention,
+    prefill_attention_numba,
+    prefill_attention_reference,
 )
 from .paged_attention import (
     paged_decode_attention,
@@ -26,6 +31,9 @@ __all__ = [
     "paged_decode_attention",
     "paged_decode_attention_numba",
     "paged_decode_attention_reference",
+    "prefill_attention",
+    "prefill_attention_numba",
+    "prefill_attention_reference",
     "unpack_slots",
     "unpack_slots_numba",
     "unpack_slots_reference",

@@ -22,25 +22,17 @@ from numba import types
 from numba.extending import intrinsic
 
 from .attention_blocks import LANES, block_scores, block_shape, block_values, heads_per_call
+from .softmax_lanes import exp_shifted
 from .vector_code import BITS_OF
 
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
 _LINE = 16  # float32 elements per 64-byte cache line
-# Lets LLVM reorder the sums of exponentials into SIMD lanes and fuse multiply-adds (the dot
-# products are vector code already); no other fast-math licence (NaN and inf keep IEEE
-# semantics).
+# Lets LLVM reorder the weighted value sums into SIMD lanes and fuse multiply-adds (the dot
+# products and exponentials are vector code already); no other fast-math licence (NaN and
+# inf keep IEEE semantics).
 _SIMD = {"reassoc", "contract"}
 
-# expf by Cody-Waite range reduction and the Cephes polynomial (within 1 ulp of exp for
-# arguments in [_EXP_FLOOR, 0]); written out so that it vectorises, which libm's does not.
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)  # ln 2 in 9 significant bits: n * _LN2_HI is exact
-_LN2_LO = np.float32(-2.12194440e-4)  # ln 2 - _LN2_HI
-_EXP_POLY = (np.float32(1.9875691500e-4), np.float32(1.3981999507e-3),
-             np.float32(8.3334519073e-3), np.float32(4.1665795894e-2),
-             np.float32(1.6666665459e-1), np.float32(5.0000001201e-1))
-_EXP_FLOOR = np.float32(-87.33654)  # ln(FLT_MIN); exp of anything below is taken as 0
 
 
 def paged_decode_attention_reference(q, kv, page_table, context_lens, scale):
@@ -144,41 +136,12 @@ def _attention_scores(queries, keys, pages, length, scale, scores, peaks, shape)
                                  p * page_size + s, peaks, shape)
 
 
-@numba.njit(cache=True, fastmath={"contract"})
-def _exp_parts(row, peak, exponent):
-    """``exp(row - peak)`` split in two: ``row`` becomes ``e^r`` with ``|r| <= ln2 / 2``
-    and ``exponent`` the float32 bit pattern of ``2^n``, ``n = round((row - peak) / ln2)``.
-    Arguments below ``_EXP_FLOOR`` give 0; NaN stays NaN."""
-    for t in range(row.shape[0]):
-        x = row[t] - peak
-        clamped = _EXP_FLOOR if x < _EXP_FLOOR else x
-        n = np.floor(clamped * _LOG2E + np.float32(0.5))
-        r = clamped - n * _LN2_HI - n * _LN2_LO
-        poly = _EXP_POLY[0]
-        for c in _EXP_POLY[1:]:
-            poly = poly * r + c
-        row[t] = np.float32(0.0) if x < _EXP_FLOOR else poly * (r * r) + r + np.float32(1.0)
-        exponent[t] = (np.int32(n) + np.int32(127)) << 23
-
-
-@numba.njit(cache=True, fastmath=_SIMD)
-def _softmax_numerators(scores, peaks, exponent, totals):
-    """``scores[h] = exp(scores[h] - peaks[h])`` in place and ``totals[h]`` their sum,
-    summed ``_SUM_BLOCK`` positions at a time. ``exponent`` is int32 scratch of a row's
-    length."""
-    length = scores.shape[1]
-    powers = exponent.view(np.float32)
+@numba.njit(cache=True, fastmath=False)
+def _softmax_numerators(scores, peaks, totals):
+    """``scores[h] = exp(scores[h] - peaks[h])`` in place and ``totals[h]`` their sum
+    (:mod:`.softmax_lanes`)."""
     for h in range(scores.shape[0]):
-        row = scores[h]
-        _exp_parts(row, peaks[h], exponent)
-        total = np.float32(0.0)
-        for start in range(0, length, _SUM_BLOCK):
-            part = np.float32(0.0)
-            for t in range(start, min(start + _SUM_BLOCK, length)):
-                row[t] *= powers[t]
-                part += row[t]
-            total += part
-        totals[h] = total
+        totals[h] = exp_shifted(scores[h], scores.shape[1], peaks[h])
 
 
 @numba.njit(cache=True, fastmath=_SIMD)
@@ -230,7 +193,6 @@ def _decode_kernel(q, kv, page_table, context_lens, scale, out, shape):
     for b in range(q.shape[0]):
         longest = max(longest, context_lens[b])
     scores_buf = np.empty(heads * longest, dtype=np.float32)
-    exponent_buf = np.empty(longest, dtype=np.int32)
     peaks = np.empty(heads, dtype=np.float32)
     totals = np.empty(heads, dtype=np.float32)
     part = np.empty((heads, dim), dtype=np.float32)
@@ -240,7 +202,7 @@ def _decode_kernel(q, kv, page_table, context_lens, scale, out, shape):
         _check_pages(pages, length, kv.shape[2], kv.shape[1])
         scores = scores_buf[:heads * length].reshape((heads, np.intp(length)))
         _attention_scores(q[b], kv[0], pages, length, scale, scores, peaks, shape)
-        _softmax_numerators(scores, peaks, exponent_buf[:length], totals)
+        _softmax_numerators(scores, peaks, totals)
         _weighted_values(scores, kv[1], pages, length, part, out[b], shape)
         for h in range(heads):
             for d in range(dim):

@@ -21,7 +21,7 @@ from mpiserve.kernels import (
     unpack_slots_reference,
 )
 from mpiserve.kernels.attention_blocks import block_shape, block_values
-from mpiserve.kernels.paged_attention import _exp_parts
+from mpiserve.kernels.softmax_lanes import exp_shifted, row_peak
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # (query heads, kv heads): MHA, GQA, MQA
 HEAD_DIMS = [16, 64, 128]
@@ -175,21 +175,45 @@ def test_decode_numba_nan_stays_in_its_sequence_and_kv_head():
     assert not out[0].isnan().any()
 
 
+@numba.njit
+def _exp_of(row, count, peak):
+    return exp_shifted(row, count, peak)
+
+
+@numba.njit
+def _peak_of(row, count):
+    return row_peak(row, count)
+
+
 def test_exp_within_one_ulp():
-    """The kernel's own vectorised expf against float64 exp, over every argument the
-    softmax can give it (<= 0), below the smallest normal float32 and at NaN."""
+    """The kernels' own vectorised expf against float64 exp, over every argument the
+    softmax can give it (<= 0), below the smallest normal float32 and at NaN; a length that
+    is not a multiple of 16, so the partial last vector is taken too."""
     x = np.concatenate([np.linspace(-88.0, 0.0, 200_001, dtype=np.float32),
                         np.float32([-1e-7, -0.5 * np.log(2.0), 0.5 * np.log(2.0) - 1, -1e30,
                                     -np.inf, np.nan])])
-    row, exponent = x.copy(), np.empty(x.shape, np.int32)
-    _exp_parts(row, np.float32(0.0), exponent)
-    got = row * exponent.view(np.float32)
+    got = x.copy()
+    _exp_of(got, got.size, np.float32(0.0))
     exact = np.exp(x.astype(np.float64))
     normal = exact >= np.finfo(np.float32).tiny
     np.testing.assert_allclose(got[normal], exact[normal], rtol=np.finfo(np.float32).eps,
                                atol=0)
     assert got[0] == 0.0 and got[-3] == 0.0 and got[-2] == 0.0 and np.isnan(got[-1])
     assert (got[~normal & ~np.isnan(x)] == 0.0).all()
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 17, 100])
+def test_exp_shifted_sum_and_untouched_tail(count):
+    """The returned sum is the numerators' sum; elements past `count` are left alone.
+    (Expected: exp of each float32 difference ``x - peak``, which the kernel rounds too.)"""
+    row = np.random.default_rng(count).standard_normal(count + 5).astype(np.float32)
+    expected = np.exp((row[:count] - row[:count].max()).astype(np.float64))
+    got = row.copy()
+    total = _exp_of(got, count, _peak_of(got, count))
+    np.testing.assert_allclose(got[:count], expected, rtol=np.finfo(np.float32).eps)
+    np.testing.assert_allclose(total, expected.sum(), rtol=1e-6)
+    assert (got[count:] == row[count:]).all()
+    assert _peak_of(row, count) == row[:count].max()
 
 
 HALF_ROUNDING = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}

@@ -3,7 +3,7 @@
 Tokens of all sequences in a step are concatenated: `[T, hidden]`. Linear layers run on the
 flat batch; attention reads each sequence's context from the paged KV cache. Decode tokens
 (one per sequence) come first in the batch and use the paged decode kernel; prefill chunks
-follow, each attending causally to its whole context with SDPA.
+follow, each attending causally to its whole context (`kernels.prefill_attention`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mpiserve.kernels import fused_rows, paged_decode_attention
+from mpiserve.kernels import fused_rows, paged_decode_attention, prefill_attention
 
 from .linear_weight import for_linear, linear
 from .model_config import ModelConfig
@@ -178,7 +178,7 @@ class Transformer:
         flat[1].index_copy_(0, batch.slots, v)
         out = self._decode_attention(q, kv, batch)               # [T, H, D]
         for span in batch.prefills:
-            out[span.row:span.row + span.length] = self._prefill_attention(q, k, v, flat, span)
+            out[span.row:span.row + span.length] = self._prefill_attention(q, flat, span)
         return self.tp.sum_partials(linear(out.reshape(-1, heads * dim), layer.o))
 
     def _decode_attention(self, q, kv, batch: ForwardBatch) -> torch.Tensor:
@@ -195,18 +195,9 @@ class Transformer:
         out[:n] = decoded
         return out
 
-    def _prefill_attention(self, q, k, v, flat, span: PrefillSpan) -> torch.Tensor:
-        rows = slice(span.row, span.row + span.length)
-        ctx = span.context_slots.numel()
-        if ctx == span.length:                                   # no earlier context: use k, v
-            keys, values, mask = k[rows], v[rows], None
-        else:
-            keys = flat[0].index_select(0, span.context_slots)
-            values = flat[1].index_select(0, span.context_slots)
-            query_pos = torch.arange(ctx - span.length, ctx, device=q.device)
-            mask = query_pos[:, None] >= torch.arange(ctx, device=q.device)[None, :]
-        out = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
-            values.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
-            scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)                            # [length, H, D]
+    def _prefill_attention(self, q, flat, span: PrefillSpan) -> torch.Tensor:
+        """The chunk's rows of `q` over its context, read from the cache (written already)."""
+        rows = q[span.row:span.row + span.length]
+        half_natively = self.matmul_dtype in (torch.bfloat16, torch.float16)
+        return prefill_attention(rows, flat[0], flat[1], span.context_slots, self.scale,
+                                 half_natively)
