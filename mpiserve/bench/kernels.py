@@ -25,6 +25,8 @@ from mpiserve.kernels import (
     pack_slots_reference,
     paged_decode_attention_numba,
     paged_decode_attention_reference,
+    prefill_attention_numba,
+    prefill_attention_reference,
     unpack_slots_numba,
     unpack_slots_reference,
 )
@@ -34,6 +36,8 @@ DECODE_BATCHES = (1, 8, 32)
 DECODE_CONTEXTS = (128, 512, 2048)
 DECODE_HEADS = ((8, 4), (8, 2))  # (query heads, kv heads), head_dim 64
 DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PREFILL_CHUNKS = ((64, 64), (256, 256), (1024, 1024), (256, 1024))   # (queries, context)
+PREFILL_HEADS = (9, 3)  # SmolLM2-135M's query and kv heads, head_dim 64
 PACK_TOKENS = (64, 256, 1024, 2048)
 PACK_SHAPE = (8, 128)  # kv heads, head_dim of one Llama-3-8B layer
 PACK_POOL_PAGES = 1024
@@ -66,6 +70,10 @@ def row(kernel: str, shape: dict, reference, numba_fn, args: tuple) -> dict:
             "numba_us": round(numba_us, 1), "speedup": round(reference_us / numba_us, 2)}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def decode_rows() -> list[dict]:
     rows = []
     for dtype in DECODE_DTYPES:
@@ -75,7 +83,7 @@ def decode_rows() -> list[dict]:
                     args = decode_inputs(batch, context, heads, kv_heads, 64, dtype)
                     shape = {"batch": batch, "context": context, "heads": heads,
                              "kv_heads": kv_heads, "head_dim": 64, "page_size": PAGE_SIZE,
-                             "dtype": str(dtype).removeprefix("torch.")}
+                             "dtype": dtype_name(dtype)}
                     rows.append(row("decode_attention", shape,
                                     paged_decode_attention_reference,
                                     paged_decode_attention_numba, args))
@@ -95,6 +103,23 @@ def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim:
     return q, kv, page_table, context_lens, head_dim ** -0.5
 
 
+def prefill_rows() -> list[dict]:
+    """Whole prompts, and a chunk at the end of earlier context, causal."""
+    rows = []
+    heads, kv_heads = PREFILL_HEADS
+    for dtype in (torch.float32, torch.bfloat16):
+        for length, context in PREFILL_CHUNKS:
+            keys, values = (torch.randn(context, kv_heads, 64).to(dtype) for _ in "kv")
+            args = (torch.randn(length, heads, 64).to(dtype), keys, values,
+                    torch.randperm(context), 64 ** -0.5)
+            shape = {"length": length, "context": context, "heads": heads,
+                     "kv_heads": kv_heads, "head_dim": 64, "dtype": dtype_name(dtype)}
+            rows.append(row("prefill_attention", shape, prefill_attention_reference,
+                            prefill_attention_numba, args))
+            print_row(rows[-1])
+    return rows
+
+
 def pack_rows() -> list[dict]:
     rows = []
     kv_heads, head_dim = PACK_SHAPE
@@ -106,7 +131,7 @@ def pack_rows() -> list[dict]:
                 buf = pack_slots_reference(kv, slots)
                 shape = {"tokens": tokens, "slots": layout, "kv_heads": kv_heads,
                          "head_dim": head_dim, "page_size": PAGE_SIZE,
-                         "dtype": str(dtype).removeprefix("torch.")}
+                         "dtype": dtype_name(dtype)}
                 rows.append(row("pack_slots", shape, pack_slots_reference, pack_slots_numba,
                                 (kv, slots)))
                 print_row(rows[-1])
@@ -124,7 +149,7 @@ def pick_slots(tokens: int, layout: str) -> torch.Tensor:
     return (pages[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).flatten()
 
 
-SHAPE_KEYS = ("batch", "context", "heads", "kv_heads", "tokens", "slots", "head_dim",
+SHAPE_KEYS = ("batch", "length", "context", "heads", "kv_heads", "tokens", "slots", "head_dim",
               "page_size", "dtype")
 
 
@@ -164,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     start_load = os.getloadavg()[0]
-    rows = decode_rows() + pack_rows()
+    rows = decode_rows() + prefill_rows() + pack_rows()
     command = " ".join(["python -m mpiserve.bench.kernels", *argv])
     path = write_report(args.out, "kernels", rows, markdown(rows, command, start_load))
     print(f"wrote {path} and {path.with_suffix('.md')}")
