@@ -29,6 +29,7 @@ from .vector_code import (
     greater,
     lane_max,
     lane_sums,
+    lanes_of,
     load_lanes,
     multiply_add,
     splat,
@@ -99,7 +100,7 @@ def block_scores(typingctx, queries, first_head, page, slot, kv_head, rows, scal
         in_block = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(I64, LANES),
                                                            list(range(LANES))),
                                          splat_int(builder, a.rows))
-        minus_inf = ir.Constant(VEC, [float("-inf")] * LANES)
+        minus_inf = lanes_of(float("-inf"))
         lanes = cgutils.alloca_once(builder, VEC)
         for g, head in enumerate(head_ids):
             block = [builder.load(builder.gep(dots, [const(g * LANES + i)]))

@@ -34,7 +34,6 @@ _LINE = 16  # float32 elements per 64-byte cache line
 _SIMD = {"reassoc", "contract"}
 
 
-
 def paged_decode_attention_reference(q, kv, page_table, context_lens, scale):
     """Attention of ``q[B, H, D]`` over the first ``context_lens[b]`` cached positions.
 

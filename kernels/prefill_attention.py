@@ -20,13 +20,12 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .softmax_lanes import exp_shifted, row_peak
-from .vector_code import LANES, VEC, Args, const, load_lanes, multiply_add, splat
+from .vector_code import LANES, VEC, Args, const, lanes_of, load_lanes, multiply_add, splat
 
 TILE = LANES            # queries per tile, and keys per block
 VALUE_ROWS = 4          # queries whose weighted value sums one call holds in registers
@@ -62,7 +61,7 @@ def tile_scores(typingctx, queries_t, keys_t, block, scores, column, dims):
     def codegen(context, builder, signature, args):
         a = Args(context, builder, signature, args,
                  ("queries_t", "keys_t", "block", "scores", "column"))
-        sums = [ir.Constant(VEC, [0.0] * LANES) for _ in range(TILE)]
+        sums = [lanes_of(0.0) for _ in range(TILE)]
         for d in range(dim):
             keys = load_lanes(builder, a.pointer(a.keys_t, a.block, const(d), const(0)),
                               types.float32)
@@ -88,8 +87,7 @@ def tile_values(typingctx, weights, first, values, kv_head, count, sums, dims):
     def codegen(context, builder, signature, args):
         a = Args(context, builder, signature, args,
                  ("weights", "first", "values", "kv_head", "count", "sums"))
-        zero = ir.Constant(VEC, [0.0] * LANES)
-        totals = [[cgutils.alloca_once_value(builder, zero) for _ in range(chunks)]
+        totals = [[cgutils.alloca_once_value(builder, lanes_of(0.0)) for _ in range(chunks)]
                   for _ in range(VALUE_ROWS)]
         weight_rows = [a.pointer(a.weights, builder.add(a.first, const(r)), const(0))
                        for r in range(VALUE_ROWS)]

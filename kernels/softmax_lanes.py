@@ -10,7 +10,6 @@ takes millions of exponentials, that loop was most of the attention's time). Arg
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -26,6 +25,7 @@ from .vector_code import (
     const,
     greater,
     lane_max,
+    lanes_of,
     multiply_add,
     splat,
     splat_int,
@@ -42,37 +42,39 @@ _FUSE = ("contract",)
 _INTS = ir.VectorType(I32, LANES)
 
 
-def _lanes_of(value: float) -> ir.Constant:
-    return ir.Constant(VEC, [float(np.float32(value))] * LANES)
-
-
 def exp_lanes(builder, x) -> ir.Value:
     """``exp(x)`` of each lane, for ``x <= 0``."""
-    floor = _lanes_of(_EXP_FLOOR)
+    floor = lanes_of(_EXP_FLOOR)
     below = builder.fcmp_ordered("<", x, floor)
     clamped = builder.select(below, floor, x)
     round_down = cgutils.get_or_insert_function(builder.module, ir.FunctionType(VEC, [VEC]),
                                                 "llvm.floor.v16f32")
-    n = builder.call(round_down, [multiply_add(builder, clamped, _lanes_of(_LOG2E),
-                                               _lanes_of(0.5))])
-    r = builder.fsub(builder.fsub(clamped, builder.fmul(n, _lanes_of(_LN2_HI), flags=_FUSE),
+    n = builder.call(round_down, [multiply_add(builder, clamped, lanes_of(_LOG2E),
+                                               lanes_of(0.5))])
+    r = builder.fsub(builder.fsub(clamped, builder.fmul(n, lanes_of(_LN2_HI), flags=_FUSE),
                                   flags=_FUSE),
-                     builder.fmul(n, _lanes_of(_LN2_LO), flags=_FUSE), flags=_FUSE)
-    poly = _lanes_of(_EXP_POLY[0])
+                     builder.fmul(n, lanes_of(_LN2_LO), flags=_FUSE), flags=_FUSE)
+    poly = lanes_of(_EXP_POLY[0])
     for c in _EXP_POLY[1:]:
-        poly = multiply_add(builder, poly, r, _lanes_of(c))
+        poly = multiply_add(builder, poly, r, lanes_of(c))
     e_r = builder.fadd(multiply_add(builder, poly, builder.fmul(r, r, flags=_FUSE), r),
-                       _lanes_of(1.0), flags=_FUSE)
+                       lanes_of(1.0), flags=_FUSE)
     nan = builder.fcmp_unordered("uno", n, n)      # 2^n of a NaN lane: any finite power
-    power = builder.fptosi(builder.select(nan, _lanes_of(0.0), n), _INTS)
+    power = builder.fptosi(builder.select(nan, lanes_of(0.0), n), _INTS)
     power = builder.shl(builder.add(power, ir.Constant(_INTS, [127] * LANES)),
                         ir.Constant(_INTS, [23] * LANES))
     value = builder.fmul(e_r, builder.bitcast(power, VEC))
-    return builder.select(below, _lanes_of(0.0), value)
+    return builder.select(below, lanes_of(0.0), value)
 
 
 def _row_start(a):
     return a.pointer(a.row, const(0))
+
+
+def _chunk(builder, start, index):
+    """Vector `index` (16 floats each) of the row at `start`."""
+    return builder.bitcast(builder.gep(start, [builder.mul(index, const(LANES))]),
+                           VEC.as_pointer())
 
 
 @intrinsic
@@ -83,11 +85,10 @@ def row_peak(typingctx, row, count):
     def codegen(context, builder, signature, args):
         a = Args(context, builder, signature, args, ("row", "count"))
         start = _row_start(a)
-        best = cgutils.alloca_once_value(builder, _lanes_of(float("-inf")))
+        best = cgutils.alloca_once_value(builder, lanes_of(float("-inf")))
         whole = builder.udiv(a.count, const(LANES))
         with cgutils.for_range(builder, whole) as loop:
-            chunk = builder.bitcast(builder.gep(start, [builder.mul(loop.index, const(LANES))]),
-                                    VEC.as_pointer())
+            chunk = _chunk(builder, start, loop.index)
             builder.store(greater(builder, builder.load(chunk, align=4), builder.load(best)),
                           best)
         peak = cgutils.alloca_once_value(builder, lane_max(builder, builder.load(best)))
@@ -109,18 +110,17 @@ def exp_shifted(typingctx, row, count, peak):
     def codegen(context, builder, signature, args):
         a = Args(context, builder, signature, args, ("row", "count", "peak"))
         start, shift = _row_start(a), splat(builder, a.peak)
-        total = cgutils.alloca_once_value(builder, _lanes_of(0.0))
+        total = cgutils.alloca_once_value(builder, lanes_of(0.0))
         whole = builder.udiv(a.count, const(LANES))
         with cgutils.for_range(builder, whole) as loop:
-            chunk = builder.bitcast(builder.gep(start, [builder.mul(loop.index, const(LANES))]),
-                                    VEC.as_pointer())
+            chunk = _chunk(builder, start, loop.index)
             e = exp_lanes(builder, builder.fsub(builder.load(chunk, align=4), shift))
             builder.store(e, chunk, align=4)
             builder.store(builder.fadd(builder.load(total), e), total)
         done = builder.mul(whole, const(LANES))
         rest = builder.sub(a.count, done)
         tail = builder.gep(start, [done])
-        scratch = cgutils.alloca_once_value(builder, _lanes_of(0.0))
+        scratch = cgutils.alloca_once_value(builder, lanes_of(0.0))
         lanes = builder.bitcast(scratch, F32.as_pointer())
         with cgutils.for_range(builder, rest) as loop:
             builder.store(builder.load(builder.gep(tail, [loop.index])),
@@ -129,7 +129,7 @@ def exp_shifted(typingctx, row, count, peak):
                                                          list(range(LANES))),
                                        splat_int(builder, rest))
         e = builder.select(in_row, exp_lanes(builder, builder.fsub(builder.load(scratch), shift)),
-                           _lanes_of(0.0))
+                           lanes_of(0.0))
         store_lanes(builder, e, rest, tail, scratch)
         sums = builder.fadd(builder.load(total), e)
         result = builder.extract_element(sums, const(0))

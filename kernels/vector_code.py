@@ -9,6 +9,7 @@ IEEE half (see :data:`BITS_OF`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from llvmlite import ir
 from numba import types
@@ -29,6 +30,11 @@ _SHORTS = ir.VectorType(ir.IntType(16), LANES)
 
 def const(value: int) -> ir.Constant:
     return ir.Constant(I64, value)
+
+
+def lanes_of(value: float) -> ir.Constant:
+    """A vector constant: `value` (rounded to float32) in every lane."""
+    return ir.Constant(VEC, [float(np.float32(value))] * LANES)
 
 
 def lane_mask(indices) -> ir.Constant:
