@@ -10,8 +10,8 @@ held transposed (``[D, 16]``, so no lane sums are needed), only over the key blo
 of the tile sees; then each row's softmax numerators (:mod:`.softmax_lanes`) and the weighted
 sum of the value rows, 4 queries at a time with their sums in registers. On one core of an
 AVX-512 Xeon without AMX it took 0.72-0.93x the time of SDPA in float32 for 256-1,024-token
-prompts (9 query / 3 kv heads of 64), and the whole float32 SmolLM2 workload of issue 8 ran
-4-5% faster with it (``results/README.md``).
+prompts (9 query / 3 kv heads of 64; 1.18x at 64 tokens, where its fixed costs show), and
+the whole float32 SmolLM2 workload of issue 8 ran 4-5% faster with it (``results/README.md``).
 """
 
 from __future__ import annotations
