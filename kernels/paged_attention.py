@@ -17,13 +17,12 @@ import warnings
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
 from .attention_blocks import LANES, block_scores, block_shape, block_values, heads_per_call
 from .softmax_lanes import exp_shifted
-from .vector_code import BITS_OF
+from .vector_code import BITS_OF, prefetch
 
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
@@ -68,11 +67,7 @@ def _prefetch(typingctx, array, offset):
 
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        byte_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", fnty=fnty)
-        address = builder.bitcast(builder.gep(data, [args[1]]), byte_ptr)
-        builder.call(fn, [address] + [ir.Constant(i32, flag) for flag in (0, 3, 1)])
+        prefetch(builder, builder.gep(data, [args[1]]), 3)
         return context.get_dummy_value()
 
     return sig, codegen
