@@ -3,7 +3,9 @@
     python -m mpiserve.bench.kernels [--out results]
 
 One torch thread, single-threaded numba. Each timing is the median of repeats after a
-warm-up, the two implementations called in turn. Writes ``kernels.json`` (one row per
+warm-up, the two implementations called in turn. The ``linear_step`` rows time all the float32
+products of one step of SmolLM2-135M's shapes (30 layers and the LM head, random weights):
+oneDNN's packed weights (the reference column) against ``kernels.panel_matmul``. Writes ``kernels.json`` (one row per
 case) and ``kernels.md`` (a table and the command) to the output directory.
 """
 
@@ -25,6 +27,7 @@ from mpiserve.kernels import (
     pack_slots_reference,
     paged_decode_attention_numba,
     paged_decode_attention_reference,
+    panel_matmul,
     prefill_attention_numba,
     prefill_attention_reference,
     unpack_slots_numba,
@@ -38,6 +41,10 @@ DECODE_HEADS = ((8, 4), (8, 2))  # (query heads, kv heads), head_dim 64
 DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PREFILL_CHUNKS = ((64, 64), (256, 256), (1024, 1024), (256, 1024))   # (queries, context)
 PREFILL_HEADS = (9, 3)  # SmolLM2-135M's query and kv heads, head_dim 64
+LINEAR_ROWS = (1, 8, 16, 32, 64, 256, 1024)
+# SmolLM2-135M: (out, in) of qkv, o, gate_up and down, 30 layers, and the tied LM head
+LINEAR_LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
+LINEAR_LAYERS, LINEAR_HEAD = 30, (49152, 576)
 PACK_TOKENS = (64, 256, 1024, 2048)
 PACK_SHAPE = (8, 128)  # kv heads, head_dim of one Llama-3-8B layer
 PACK_POOL_PAGES = 1024
@@ -86,7 +93,8 @@ def decode_rows() -> list[dict]:
                              "dtype": dtype_name(dtype)}
                     rows.append(row("decode_attention", shape,
                                     paged_decode_attention_reference,
-                                    paged_decode_attention_numba, args))
+                                    panel_matmul,
+    paged_decode_attention_numba, args))
                     print_row(rows[-1])
     return rows
 
@@ -120,6 +128,33 @@ def prefill_rows() -> list[dict]:
     return rows
 
 
+def linear_rows() -> list[dict]:
+    shapes = [*LINEAR_LAYER_SHAPES * LINEAR_LAYERS, LINEAR_HEAD]
+    weights = [torch.randn(out, inner) * inner ** -0.5 for out, inner in shapes]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
+    panels = [panel_matmul.pack_panels(w) for w in weights]
+    del weights
+
+    def step(xs, packed, product):
+        for w, (_, inner) in zip(packed, shapes):
+            product(xs[inner], w)
+
+    def onednn_step(xs):
+        step(xs, onednn, lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none",
+                                                                         [], ""))
+
+    def panel_step(xs):
+        step(xs, panels, panel_matmul.panel_matmul)
+
+    rows = []
+    for count in LINEAR_ROWS:
+        xs = {inner: torch.randn(count, inner) for inner in {i for _, i in shapes}}
+        shape = {"rows": count, "layers": LINEAR_LAYERS, "dtype": "float32"}
+        rows.append(row("linear_step", shape, onednn_step, panel_step, (xs,)))
+        print_row(rows[-1])
+    return rows
+
+
 def pack_rows() -> list[dict]:
     rows = []
     kv_heads, head_dim = PACK_SHAPE
@@ -149,7 +184,7 @@ def pick_slots(tokens: int, layout: str) -> torch.Tensor:
     return (pages[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).flatten()
 
 
-SHAPE_KEYS = ("batch", "length", "context", "heads", "kv_heads", "tokens", "slots", "head_dim",
+SHAPE_KEYS = ("batch", "rows", "layers", "length", "context", "heads", "kv_heads", "tokens", "slots", "head_dim",
               "page_size", "dtype")
 
 
@@ -189,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     start_load = os.getloadavg()[0]
-    rows = decode_rows() + prefill_rows() + pack_rows()
+    rows = decode_rows() + prefill_rows() + linear_rows() + pack_rows()
     command = " ".join(["python -m mpiserve.bench.kernels", *argv])
     path = write_report(args.out, "kernels", rows, markdown(rows, command, start_load))
     print(f"wrote {path} and {path.with_suffix('.md')}")
