@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from mpiserve import LLM, SamplingParams
 from mpiserve.bench.bench_model import BENCH, QUICK, bench_model_dir
 from mpiserve.bench.report_files import write_report
-from mpiserve.model.linear_weight import for_linear, linear
+from mpiserve.model.linear_weight import for_linear, linear, weight_shape
 
 SEED = 7
 TOP_OPS = 8
@@ -64,7 +64,7 @@ def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[
 def linear_shapes(llm: LLM) -> list[tuple[int, int]]:
     """(out, in) of every weight one prompt token multiplies, once per layer."""
     layer = llm.engine.model.layers[0]
-    shapes = [tuple(w.shape) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    shapes = [weight_shape(w) for w in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     return shapes * len(llm.engine.model.layers)
 
 

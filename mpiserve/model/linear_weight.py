@@ -53,6 +53,13 @@ def for_linear(weight: torch.Tensor) -> torch.Tensor:
         return weight
 
 
+def weight_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of a weight as `for_linear` holds it."""
+    if weight.dim() == 3:
+        return weight.shape[0] * weight.shape[2], weight.shape[1]
+    return tuple(weight.shape)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """`x @ weight.T + bias` in the weight's dtype, returned in `x`'s dtype (see
     `matmul_dtype`: the weights of a half-precision model may be held widened)."""
