@@ -25,7 +25,8 @@ def test_cpu_quick_run_writes_every_section(tmp_path):
     assert profile["device_kernels_s"] is None and profile["wall_s"] > 0
     functions = [row["function"] for row in profile["host_functions"]]
     assert any("llm.py" in name and "generate" in name for name in functions), functions
-    assert any("linear" in row["op"] for row in profile["ops_by_host_time"])
+    # on CPU the float32 products are numba calls (kernels.panel_matmul), not torch ops
+    assert profile["ops_by_host_time"] and all(row["op"] for row in profile["ops_by_host_time"])
     assert result["kernel_path"] == "numba CPU kernel"
     (row,) = result["decode_attention"]
     assert row["max_abs_error"] < 1e-2, row
