@@ -13,7 +13,8 @@ prefetch is what a few rows need: a decode step's products stream the weights fr
 and oneDNN's packed product (the engine's earlier float32 path) waits for each panel before
 using it. On one core of an AVX-512 Xeon, a whole decode step's products of a 135M Llama
 (30 layers and the LM head, 540 MB of float32 weights) took 0.67-0.85x oneDNN's time at 8-64
-rows and the same at 128-1,024 rows (``results/README.md``).
+rows in best-of-3 runs (medians on a busier minute: 0.84-0.90x), and 0.97-1.06x at 128-1,024
+rows (``results/README.md``).
 """
 
 from __future__ import annotations

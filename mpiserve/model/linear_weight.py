@@ -17,7 +17,8 @@ and `F.linear`.
 Float32 CPU weights with a multiple of 64 outputs go further, on a single torch thread: they
 are held in the panels of `kernels.panel_matmul`, whose kernel prefetches the weights it is
 about to use. On an AVX-512 Xeon without AMX, a decode step's products took 0.67-0.85x
-oneDNN's packed time at 8-64 rows and the same from 128 rows on. The kernel is
+oneDNN's packed time at 8-64 rows (best of 3; medians 0.84-0.90x) and 0.97-1.06x from 128
+rows on. The kernel is
 single-threaded, so with more torch threads the weights stay with oneDNN.
 """
 
