@@ -174,14 +174,13 @@ def prefill_attention_numba(q, keys, values, context_slots, scale):
     return out
 
 
-def prefill_attention(q, keys, values, context_slots, scale, half_natively: bool = False):
+def prefill_attention(q, keys, values, context_slots, scale, half_by_sdpa: bool = False):
     """The entry point the model calls. CPU tensors with a head dim that is a multiple of 16
-    run the numba kernel, except half-precision ones on a host that multiplies half precision
-    natively (`half_natively`, e.g. AMX: there SDPA's bfloat16 took 6.0 ms for a 1,024-token
-    layer, ``results/step_profile.md``, about half the kernel's float32 time); everything else
-    runs the reference."""
+    run the numba kernel, except half-precision ones when `half_by_sdpa` (the caller's choice:
+    on a CPU with AMX, SDPA's bfloat16 took about half the kernel's time, see
+    `mpiserve.cpu_features.has_matrix_units`); everything else runs the reference."""
     if (q.device.type == "cpu" and q.shape[-1] % LANES == 0
             and q.dtype == keys.dtype == values.dtype
-            and (q.dtype == torch.float32 or (q.dtype in _HALF and not half_natively))):
+            and (q.dtype == torch.float32 or (q.dtype in _HALF and not half_by_sdpa))):
         return prefill_attention_numba(q, keys, values, context_slots, scale).to(q.dtype)
     return prefill_attention_reference(q, keys, values, context_slots, scale)

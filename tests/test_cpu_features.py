@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from mpiserve.bench.cpu_features import describe, half_precision_units
+from mpiserve.cpu_features import describe, half_precision_units, has_matrix_units
 
 AMX_HOST = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -36,3 +36,12 @@ def test_this_machine_has_a_flags_line_on_linux():
     flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
     units = half_precision_units()
     assert isinstance(units, list) and all(f" {unit}" in flags for unit in units)
+
+
+def test_matrix_units_are_amx_of_the_dtype():
+    assert has_matrix_units("bfloat16", AMX_HOST)
+    assert not has_matrix_units("float16", AMX_HOST)        # amx_fp16 not listed
+    avx512_bf16_only = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n"
+    assert not has_matrix_units("bfloat16", avx512_bf16_only)
+    assert not has_matrix_units("float32", AMX_HOST)
+    assert not has_matrix_units("bfloat16", "processor\t: 0\n")

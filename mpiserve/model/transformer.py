@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mpiserve import cpu_features
 from mpiserve.kernels import fused_rows, paged_decode_attention, prefill_attention
 
 from .linear_weight import for_linear, linear
@@ -95,6 +96,8 @@ class Transformer:
         self.config = self.tp.shard.local_config(config)
         self.scale = config.head_dim ** -0.5
         self.matmul_dtype = matmul_dtype or weights["model.embed_tokens.weight"].dtype
+        self.half_prefill_by_sdpa = cpu_features.has_matrix_units(
+            str(self.matmul_dtype).removeprefix("torch."))
         self.embed = weights["model.embed_tokens.weight"]
         lm_head = weights.get("lm_head.weight", self.embed) \
             if config.tie_word_embeddings else weights["lm_head.weight"]
@@ -198,6 +201,5 @@ class Transformer:
     def _prefill_attention(self, q, flat, span: PrefillSpan) -> torch.Tensor:
         """The chunk's rows of `q` over its context, read from the cache (written already)."""
         rows = q[span.row:span.row + span.length]
-        half_natively = self.matmul_dtype in (torch.bfloat16, torch.float16)
         return prefill_attention(rows, flat[0], flat[1], span.context_slots, self.scale,
-                                 half_natively)
+                                 self.half_prefill_by_sdpa)
