@@ -6,7 +6,12 @@ per multiply-add. Here a block's scores are 16 dot products whose lane sums are 
 transpose tree (15 vector additions for all 16), and the value sums stay in registers across the
 block. Both work on one page's rows ``page[slot:slot + rows, kv_head]`` (``page`` is
 ``[page_size, kv_heads, head_dim]``, float32 or half-precision bits as in
-``paged_attention``) for query heads ``first_head ..`` that share that kv head. The head dim
+``paged_attention``) for query heads ``first_head ..`` that share that kv head, and as each
+row is read they ask the CPU for the same row of a page further on (``ahead``; the page
+itself when there is none). One row's cache lines at a time keep the requests in step with
+the arithmetic: the same lines asked for a block at a time, 192 requests in a burst for a
+page of SmolLM2, held up the arithmetic while they queued (22 against 17.5 GB/s of K/V read
+from memory with one burst per page, ``results/README.md``). The head dim
 (a multiple of 16) and the number of heads are known when the code is compiled, which unrolls
 over both: they come as ``shape`` (see :func:`block_shape`). All sums are float32. The vector
 helpers are :mod:`.vector_code`'s.
@@ -32,6 +37,7 @@ from .vector_code import (
     lanes_of,
     load_lanes,
     multiply_add,
+    prefetch,
     splat,
     splat_int,
     store_lanes,
@@ -61,19 +67,27 @@ def _counts_of(shape) -> tuple[int, int]:
     return shape.count, shape.dtype.count
 
 
-_SCORE_ARGS = ("queries", "first_head", "page", "slot", "kv_head", "rows", "scale", "scores",
-               "t0", "peaks")
+def _prefetch_row(a: Args, row, chunks: int) -> None:
+    """Ask for the cache lines of ``ahead[slot + row, kv_head]`` (one request per 16 elements:
+    a line of float32, half a line of 16-bit values)."""
+    start = a.pointer(a.ahead, a.builder.add(a.slot, row), a.kv_head, const(0))
+    for c in range(chunks):
+        prefetch(a.builder, a.builder.gep(start, [const(c * LANES)]), 3)
+
+
+_SCORE_ARGS = ("queries", "first_head", "page", "ahead", "slot", "kv_head", "rows", "scale",
+               "scores", "t0", "peaks")
 
 
 @intrinsic
-def block_scores(typingctx, queries, first_head, page, slot, kv_head, rows, scale, scores, t0,
-                 peaks, shape):
+def block_scores(typingctx, queries, first_head, page, ahead, slot, kv_head, rows, scale, scores,
+                 t0, peaks, shape):
     """``scores[h, t0 + i] = scale * (queries[h] . page[slot + i, kv_head])`` for ``i < rows``
     (at most 16) and each query head ``h`` of the ``len(shape)`` from ``first_head``;
     ``peaks[h]`` becomes the larger of itself and the block's largest score (a NaN score
     may or may not reach it; it reaches the softmax either way)."""
-    sig = types.void(queries, first_head, page, slot, kv_head, rows, scale, scores, t0, peaks,
-                     shape)
+    sig = types.void(queries, first_head, page, ahead, slot, kv_head, rows, scale, scores, t0,
+                     peaks, shape)
     heads, chunks = _counts_of(shape)
 
     def codegen(context, builder, signature, args):
@@ -90,6 +104,7 @@ def block_scores(typingctx, queries, first_head, page, slot, kv_head, rows, scal
             key_row = a.pointer(a.page, builder.add(a.slot, row_loop.index), a.kv_head, const(0))
             keys = [load_lanes(builder, builder.gep(key_row, [const(c * LANES)]),
                                 signature.args[2].dtype) for c in range(chunks)]
+            _prefetch_row(a, row_loop.index, chunks)
             for g, query in enumerate(queries):
                 total = ir.Constant(VEC, None)
                 for q, key in zip(query, keys):
@@ -116,15 +131,17 @@ def block_scores(typingctx, queries, first_head, page, slot, kv_head, rows, scal
     return sig, codegen
 
 
-_VALUE_ARGS = ("weights", "first_head", "t0", "page", "slot", "kv_head", "rows", "sums")
+_VALUE_ARGS = ("weights", "first_head", "t0", "page", "ahead", "slot", "kv_head", "rows",
+               "sums")
 
 
 @intrinsic
-def block_values(typingctx, weights, first_head, t0, page, slot, kv_head, rows, sums, shape):
+def block_values(typingctx, weights, first_head, t0, page, ahead, slot, kv_head, rows, sums,
+                 shape):
     """``sums[h] += sum_i weights[h, t0 + i] * page[slot + i, kv_head]`` over ``i < rows``
     (at most 16) for each query head ``h`` of the ``len(shape)`` from ``first_head``; the
     block is summed in float32 accumulators held in registers before it joins ``sums``."""
-    sig = types.void(weights, first_head, t0, page, slot, kv_head, rows, sums, shape)
+    sig = types.void(weights, first_head, t0, page, ahead, slot, kv_head, rows, sums, shape)
     heads, chunks = _counts_of(shape)
 
     def codegen(context, builder, signature, args):
@@ -137,6 +154,7 @@ def block_values(typingctx, weights, first_head, t0, page, slot, kv_head, rows, 
                                   const(0))
             values = [load_lanes(builder, builder.gep(value_row, [const(c * LANES)]),
                                   signature.args[3].dtype) for c in range(chunks)]
+            _prefetch_row(a, row_loop.index, chunks)
             position = builder.add(a.t0, row_loop.index)
             for head, sums in zip(head_ids, accumulators):
                 weight = splat(builder, builder.load(a.pointer(a.weights, head, position)))

@@ -17,16 +17,13 @@ import warnings
 import numba
 import numpy as np
 import torch
-from numba import types
-from numba.extending import intrinsic
 
 from .attention_blocks import LANES, block_scores, block_shape, block_values, heads_per_call
 from .softmax_lanes import exp_shifted
-from .vector_code import BITS_OF, prefetch
+from .vector_code import BITS_OF
 
 _SUM_BLOCK = 64  # positions summed apart before joining a running sum (bounds rounding)
 _PREFETCH_AHEAD = 2048  # K/V elements (8 KiB of float32) requested ahead of their use
-_LINE = 16  # float32 elements per 64-byte cache line
 # Lets LLVM reorder the weighted value sums into SIMD lanes and fuse multiply-adds (the dot
 # products and exponentials are vector code already); no other fast-math licence (NaN and
 # inf keep IEEE semantics).
@@ -59,20 +56,6 @@ def paged_decode_attention_reference(q, kv, page_table, context_lens, scale):
     return out.reshape(batch, heads, dim).to(q.dtype)
 
 
-@intrinsic
-def _prefetch(typingctx, array, offset):
-    """Ask the CPU to fetch the cache line holding element ``offset`` of a contiguous
-    ``array`` (``llvm.prefetch``: read, keep in all cache levels)."""
-    sig = types.void(array, types.intp)
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        prefetch(builder, builder.gep(data, [args[1]]), 3)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @numba.njit(cache=True, fastmath=False)
 def _check_pages(pages, length, page_size, num_pages):
     """Raise unless the first ``ceil(length / page_size)`` page ids are valid."""
@@ -92,16 +75,6 @@ def _pages_ahead(rows):
     return max(1, (_PREFETCH_AHEAD + page - 1) // page)
 
 
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _prefetch_block(cache, page, slot, rows):
-    """Prefetch every cache line of rows ``slot .. slot + rows - 1`` of ``cache[page]``
-    (contiguous ``[KVH, D]`` rows)."""
-    for r in range(slot, min(slot + rows, cache.shape[1])):
-        row = cache[page, r]
-        for i in range(0, row.size, _LINE):
-            _prefetch(row, i)
-
-
 @numba.njit(cache=True, fastmath=False)
 def _attention_scores(queries, keys, pages, length, scale, scores, peaks, shape):
     """``scores[h, t] = scale * (queries[h] . key(t, h // group))`` and ``peaks[h]`` the
@@ -109,8 +82,8 @@ def _attention_scores(queries, keys, pages, length, scale, scores, peaks, shape)
 
     Walks the positions in order, a block of up to 16 rows of one page at a time, serving
     every query head of each kv head from it (``len(shape)`` heads a call, see
-    ``attention_blocks.block_shape``); the same rows ``_pages_ahead`` pages on are
-    prefetched meanwhile.
+    ``attention_blocks.block_shape``); each row read asks for the same row of the page
+    ``_pages_ahead`` pages on.
     """
     kv_heads, page_size = keys.shape[2], keys.shape[1]
     group = queries.shape[0] // kv_heads
@@ -120,13 +93,12 @@ def _attention_scores(queries, keys, pages, length, scale, scores, peaks, shape)
     for p in range(used):
         page = keys[pages[p]]
         in_page = min(page_size, length - p * page_size)
+        later = keys[pages[p + ahead]] if p + ahead < used else page
         for s in range(0, in_page, LANES):
             rows = min(LANES, in_page - s)
-            if p + ahead < used:
-                _prefetch_block(keys, pages[p + ahead], s, rows)
             for k in range(kv_heads):
                 for first in range(k * group, (k + 1) * group, len(shape)):
-                    block_scores(queries, first, page, s, k, rows, scale, scores,
+                    block_scores(queries, first, page, later, s, k, rows, scale, scores,
                                  p * page_size + s, peaks, shape)
 
 
@@ -155,14 +127,13 @@ def _weighted_values(weights, values, pages, length, part, out, shape):
     for p in range(used):
         page = values[pages[p]]
         in_page = min(page_size, length - p * page_size)
+        later = values[pages[p + ahead]] if p + ahead < used else page
         for s in range(0, in_page, LANES):
             rows = min(LANES, in_page - s)
-            if p + ahead < used:
-                _prefetch_block(values, pages[p + ahead], s, rows)
             for k in range(kv_heads):
                 for first in range(k * group, (k + 1) * group, len(shape)):
-                    block_values(weights, first, p * page_size + s, page, s, k, rows, part,
-                                 shape)
+                    block_values(weights, first, p * page_size + s, page, later, s, k, rows,
+                                 part, shape)
             pending += rows
             if pending >= _SUM_BLOCK or p * page_size + s + rows == length:
                 for h in range(out.shape[0]):

@@ -263,7 +263,7 @@ def _weighted_by_one(page, shape):
     weights, sums = np.ones((1, 1), dtype=np.float32), np.empty((1, 16), dtype=np.float32)
     for row in range(page.shape[0]):
         sums[:] = 0.0
-        block_values(weights, 0, 0, page, row, 0, 1, sums, shape)
+        block_values(weights, 0, 0, page, page, row, 0, 1, sums, shape)
         out[row * 16:(row + 1) * 16] = sums[0]
     return out
 
