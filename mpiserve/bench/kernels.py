@@ -3,10 +3,13 @@
     python -m mpiserve.bench.kernels [--out results]
 
 One torch thread, single-threaded numba. Each timing is the median of repeats after a
-warm-up, the two implementations called in turn. The ``linear_step`` rows time all the float32
-products of one step of SmolLM2-135M's shapes (30 layers and the LM head, random weights):
-oneDNN's packed weights (the reference column) against ``kernels.panel_matmul``. Writes ``kernels.json`` (one row per
-case) and ``kernels.md`` (a table and the command) to the output directory.
+warm-up, the two implementations called in turn. The ``decode_step`` rows time decode
+attention over SmolLM2's 30 layers, each layer's K/V a pool of its own (1.1 GB of float32 at
+1,000 tokens of context for 24 sequences: read from memory, as in serving). The
+``linear_step`` rows time all the float32 products of one step of SmolLM2-135M's shapes (30
+layers and the LM head, random weights): oneDNN's packed weights (the reference column)
+against ``kernels.panel_matmul``. Writes ``kernels.json`` (one row per case) and
+``kernels.md`` (a table and the command) to the output directory.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ DECODE_CONTEXTS = (128, 512, 2048)
 DECODE_HEADS = ((8, 4), (8, 2))  # (query heads, kv heads), head_dim 64
 DECODE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PREFILL_CHUNKS = ((64, 64), (256, 256), (1024, 1024), (256, 1024))   # (queries, context)
-PREFILL_HEADS = (9, 3)  # SmolLM2-135M's query and kv heads, head_dim 64
+SMOLLM2_HEADS = (9, 3)  # SmolLM2-135M's query and kv heads, head_dim 64
+# a whole decode step's attention: SmolLM2's 30 layers, each with its own pool, so that the
+# K/V come from memory rather than cache, as in a serving step
+DECODE_STEP_BATCH, DECODE_STEP_CONTEXTS, DECODE_STEP_LAYERS = 24, (300, 1000), 30
 LINEAR_ROWS = (1, 8, 16, 32, 64, 256, 1024)
 # SmolLM2-135M: (out, in) of qkv, o, gate_up and down, 30 layers, and the tied LM head
 LINEAR_LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
@@ -93,8 +99,7 @@ def decode_rows() -> list[dict]:
                              "dtype": dtype_name(dtype)}
                     rows.append(row("decode_attention", shape,
                                     paged_decode_attention_reference,
-                                    panel_matmul,
-    paged_decode_attention_numba, args))
+                                    paged_decode_attention_numba, args))
                     print_row(rows[-1])
     return rows
 
@@ -111,10 +116,34 @@ def decode_inputs(batch: int, context: int, heads: int, kv_heads: int, head_dim:
     return q, kv, page_table, context_lens, head_dim ** -0.5
 
 
+def decode_step_rows() -> list[dict]:
+    rows = []
+    heads, kv_heads = SMOLLM2_HEADS
+    for dtype in (torch.float32, torch.bfloat16):
+        for context in DECODE_STEP_CONTEXTS:
+            layers = [decode_inputs(DECODE_STEP_BATCH, context, heads, kv_heads, 64, dtype)
+                      for _ in range(DECODE_STEP_LAYERS)]
+            shape = {"batch": DECODE_STEP_BATCH, "context": context,
+                     "layers": DECODE_STEP_LAYERS, "heads": heads, "kv_heads": kv_heads,
+                     "head_dim": 64, "page_size": PAGE_SIZE, "dtype": dtype_name(dtype)}
+            rows.append(row("decode_step", shape, every_layer(paged_decode_attention_reference),
+                            every_layer(paged_decode_attention_numba), (layers,)))
+            print_row(rows[-1])
+            del layers
+    return rows
+
+
+def every_layer(attention):
+    def step(layers):
+        for args in layers:
+            attention(*args)
+    return step
+
+
 def prefill_rows() -> list[dict]:
     """Whole prompts, and a chunk at the end of earlier context, causal."""
     rows = []
-    heads, kv_heads = PREFILL_HEADS
+    heads, kv_heads = SMOLLM2_HEADS
     for dtype in (torch.float32, torch.bfloat16):
         for length, context in PREFILL_CHUNKS:
             keys, values = (torch.randn(context, kv_heads, 64).to(dtype) for _ in "kv")
@@ -224,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     start_load = os.getloadavg()[0]
-    rows = decode_rows() + prefill_rows() + linear_rows() + pack_rows()
+    rows = decode_rows() + decode_step_rows() + prefill_rows() + linear_rows() + pack_rows()
     command = " ".join(["python -m mpiserve.bench.kernels", *argv])
     path = write_report(args.out, "kernels", rows, markdown(rows, command, start_load))
     print(f"wrote {path} and {path.with_suffix('.md')}")
