@@ -193,7 +193,8 @@ def paged_decode_attention_numba(q, kv, page_table, context_lens, scale):
         _as_numpy(context_lens.to(torch.int32)),
         np.float32(scale),
         out.numpy(),
-        block_shape(q.shape[-1], heads_per_call(q.shape[1] // kv.shape[3])),
+        block_shape(q.shape[-1], heads_per_call(q.shape[1] // kv.shape[3],
+                                                kv.dtype != torch.float32)),
     )
     return out.to(q.dtype)
 
