@@ -20,8 +20,8 @@ seeded prompts of token ids with mixed prompt lengths and mixed ``max_tokens``, 
 mpiserve and vLLM run ``--repeats`` times per dtype of ``--dtypes``, taking turns (mpiserve,
 vLLM, mpiserve, ...) so that the machine's drift in speed touches both, and each side's fastest
 run counts; the report gives their tokens/s, the ratio mpiserve/vLLM, how many greedy outputs
-are token-identical, and mpiserve's bf16/fp32 ratio. A separate small measurement times the first request after engine start against a
-warm one (time to first token).
+are token-identical, and mpiserve's bf16/fp32 ratio. A separate small measurement times the
+first request after engine start against a warm one (time to first token).
 
 Both sides are credited the same tokens: each request's own ``max_tokens`` (tokens transformers
 generates past a request's ``max_tokens`` only because a batch-mate asked for more are not
@@ -151,6 +151,7 @@ def alternate_runs(model_dir: Path, dtype: str, prompts, max_tokens, repeats: in
     return fastest_of(ours), theirs
 
 
+# ---- transformers -----------------------------------------------------------------------------
 def load_transformers(model_dir: Path):
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
