@@ -213,8 +213,8 @@ def pick_slots(tokens: int, layout: str) -> torch.Tensor:
     return (pages[:, None] * PAGE_SIZE + torch.arange(PAGE_SIZE)).flatten()
 
 
-SHAPE_KEYS = ("batch", "rows", "layers", "length", "context", "heads", "kv_heads", "tokens", "slots", "head_dim",
-              "page_size", "dtype")
+SHAPE_KEYS = ("batch", "rows", "layers", "length", "context", "heads", "kv_heads", "tokens",
+              "slots", "head_dim", "page_size", "dtype")
 
 
 def shape_text(r: dict) -> str:
