@@ -16,7 +16,7 @@ from mpiserve.bench.bench_model import QUICK, bench_model_dir
 from mpiserve.dashboard.report import STEPS_FILE, write_step_timings
 from mpiserve.engine.step_shape import StepShape
 from mpiserve.engine.step_timings import StepTimings, samples_of
-from mpiserve.sim.profile_command import PREFILL_LENGTHS, scaled
+from mpiserve.sim.profile_command import PREFILL_LENGTHS, fit_step, scaled
 from mpiserve.sim.profiled_cost import STEP_TERMS, ProfiledCost, StepFit, TransferFit
 
 
@@ -44,10 +44,18 @@ def test_profile_of_a_real_engine_drives_a_simulation(tmp_path):
     fit = [getattr(cost.step, term) for term in STEP_TERMS]
     assert all(value >= 0 for value in fit) and any(value > 0 for value in fit)
     assert cost.pages > 0 and cost.kv_bytes_per_token > 0 and cost.transfer.per_byte_s > 0
+    beside = data["co_run_samples"]              # the same steps, timed beside a neighbour
+    assert [_shape(s) for s in beside] == [_shape(s) for s in samples]
+    assert all(s["seconds"] > 0 for s in beside)
+    assert cost.co_run.prefill > 0 and cost.co_run.rest > 0
     mpiserve("simulate", "--workload", "chat", "--routers", "pd", "--rates", "4",
              "--requests", "6", "--profile", str(profile), "--out", str(tmp_path))
     (row,) = json.loads((tmp_path / "strategies.json").read_text())
     assert row["simulated"] and row["completed"] == 6 and row["mean_jct"] > 0
+
+
+def _shape(sample: dict) -> tuple:
+    return tuple(sample[k] for k in StepShape._fields)
 
 
 # ---- --from-run: the step model fitted to steps that real jobs timed ------------------------
@@ -69,6 +77,24 @@ def run_dir_with_steps(path: Path, tp: int = 1, cost: StepFit = KNOWN) -> Path:
     path.mkdir()
     assert write_step_timings(path / STEPS_FILE, stats)
     return path
+
+
+def test_the_step_fit_leaves_out_a_step_that_paused_and_recovers_the_model():
+    """Steps timed exactly as KNOWN costs them, but one single-sequence decode step took 10x
+    (the process was descheduled): the fit recovers KNOWN, as it would without that step."""
+    rng = random.Random(5)
+    shapes = [StepShape(p, 0, p, p * p // 2, 0)
+              for p in [rng.choice([16, 128, 512, 1024]) for _ in range(8)]]
+    shapes += [StepShape(0, d, d * c, d * c, d)
+               for d, c in [(rng.choice([1, 4, 16]), rng.choice([64, 512, 1024]))
+                            for _ in range(12)]]
+    samples = [{**shape._asdict(), "seconds": KNOWN(shape)} for shape in shapes]
+    paused = StepShape(0, 1, 64, 64, 1)
+    samples.append({**paused._asdict(), "seconds": 10 * KNOWN(paused)})
+    fitted = fit_step(samples)
+    for term in STEP_TERMS:
+        assert getattr(fitted, term) == pytest.approx(getattr(KNOWN, term), rel=1e-6,
+                                                      abs=1e-12), term
 
 
 FLAT = StepFit(1.0, 0.0, 0.0, 0.0)

@@ -23,11 +23,11 @@ from mpiserve.router.cluster import Cluster
 from mpiserve.routers import BUILTIN_ROUTERS
 from mpiserve.sim.fresh_router import fresh_router
 from mpiserve.sim.hardware import HardwareSpec, load_hardware
-from mpiserve.sim.profiled_cost import ProfiledCost, StepFit, TransferFit
+from mpiserve.sim.profiled_cost import CoRunFit, ProfiledCost, StepFit, TransferFit
 from mpiserve.sim.roofline_cost import RooflineCost
 from mpiserve.sim.sim_dispatcher import SimDispatcher
 from mpiserve.sim.sim_engine import SimEngineConfig
-from mpiserve.sim.simulation import SimLayout, simulate
+from mpiserve.sim.simulation import SimLayout, SimRequest, simulate
 from mpiserve.sim.virtual_loop import VirtualClockLoop
 from mpiserve.sim.workload_input import workload_requests
 
@@ -257,6 +257,34 @@ def test_profile_round_trips_through_json():
     assert again == COST
     shape = StepShape(prefill_tokens=100, decode_seqs=3, context_tokens=500)
     assert again.step_time(shape) == pytest.approx(0.01 + 0.1 + 0.006)
+    shared = dataclasses.replace(COST, co_run=CoRunFit(prefill=1.2, rest=1.5))
+    assert ProfiledCost.from_json(json.loads(json.dumps(shared.to_json()))) == shared
+    older = {k: v for k, v in COST.to_json().items() if k != "co_run"}
+    assert ProfiledCost.from_json(older).co_run == CoRunFit(1.0, 1.0)
+    # 0.1 s of the step is prefill (x 1.2 beside a neighbour), 0.016 s the rest (x 1.5)
+    assert shared.co_run_slowdown(shape) == pytest.approx((0.2 * 0.1 + 0.5 * 0.016) / 0.116)
+
+
+# 0.1 s a step, whatever it computes; beside a neighbour mid-step, 1.5 times as long
+SHARED = ProfiledCost(StepFit(0.1, 0.0, 0.0, 0.0), TransferFit(0.0, 0.0), kv_bytes_per_token=1,
+                      pages=2048, co_run=CoRunFit(prefill=1.0, rest=1.5))
+
+
+@pytest.mark.parametrize("per_host", [1, 2])
+def test_engines_on_one_host_share_it_step_by_step(per_host):
+    """Two one-step requests, one on each engine, 0.05 s apart. Apart: each takes 0.1 s.
+    On one host: the first runs alone for 0.05 s (half its work), then both run at 1/1.5 speed
+    until it finishes its other half at 0.125 s; by then the second has done 0.05 s of work
+    and does the rest alone, finishing at 0.175 s: 0.125 s after arriving, as the first."""
+    once = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    reqs = [SimRequest(name, [5], once, at) for name, at in (("a", 0.0), ("b", 0.05))]
+    config = dataclasses.replace(CONFIG, engines_per_host=per_host)
+    result = run("round_robin", reqs, cost=SHARED, config=config)
+    jct = {name: body["metrics"]["jct"] for name, body in completed(result).items()}
+    expected = 0.1 if per_host == 1 else 0.125
+    assert jct == {"a": pytest.approx(expected), "b": pytest.approx(expected)}
+    busy = sorted(stats["busy_s"] for stats in result.engine_stats.values())
+    assert busy == [pytest.approx(expected)] * 2
 
 
 # ---- the command ---------------------------------------------------------------------------

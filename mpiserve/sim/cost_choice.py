@@ -68,4 +68,5 @@ def _config(args, pages: int, vocab_size: int, max_model_len: int) -> SimEngineC
                            max_num_seqs=args.max_num_seqs,
                            max_batch_tokens=args.max_batch_tokens,
                            max_model_len=max_model_len, vocab_size=vocab_size,
-                           control_latency_s=args.control_latency)
+                           control_latency_s=args.control_latency,
+                           engines_per_host=args.engines_per_host)

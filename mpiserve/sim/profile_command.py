@@ -13,8 +13,12 @@ lengths — and fits the simulator's step model by least squares:
 (a coefficient the fit makes negative is dropped and the rest refitted). The KV transfer fit
 times packing KV pages of several sizes into a contiguous buffer and unpacking it into other
 pages, the device-side copies of a transfer; the link between engines is not in it (on one
-host with gloo it adds a comparable copy, see results/kv_path.md). Runs in about a minute on
-the built-in demo model on a CPU.
+host with gloo it adds a comparable copy, see results/kv_path.md).
+
+On a CPU it then times the same steps again beside a second engine that steps without pause
+in another process (neighbour_load), and fits how much longer the prefill terms and the rest
+take there (the profile's co_run factors): what `mpiserve simulate --engines-per-host` charges
+engines that share a host. Runs in about two minutes on the built-in demo model on a CPU.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import time
 from pathlib import Path
 
 from ..engine.step_shape import StepShape
-from .profiled_cost import STEP_TERMS, ProfiledCost, ProfileError, StepFit, TransferFit
+from .profiled_cost import (PREFILL_TERMS, STEP_TERMS, CoRunFit, ProfiledCost, ProfileError,
+                            StepFit, TransferFit)
 from .run_steps import run_step_samples
 
 # Prompts prefilled in one step, as mpiserve run's default budget (1024 tokens) cuts them; the
@@ -38,6 +43,8 @@ DECODE_BATCHES = (1, 16)
 DECODE_CONTEXTS = (64, 1024)
 DECODE_STEPS = 4
 COPY_TOKENS = (16, 128, 512, 2048)
+CO_RUN_SEED = 20250306    # other prompts than the first pass's
+OUTLIER_FACTOR = 2.0      # a timed step this many times its fitted time is left out of the fit
 
 
 def say(message: str) -> None:
@@ -68,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads, as each engine rank of a job uses (default 1)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="times each step shape is measured (default 2)")
+    parser.add_argument("--no-co-run", action="store_true",
+                        help="skip timing steps beside a second engine on the same host "
+                             "(the profile's co-run factors stay 1.0)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5,
                         help="KV page pool the profile records for simulated engines "
                              "(default 0.5, as mpiserve run's)")
@@ -76,13 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_profile(args) -> int:
     if args.from_run:
         return _profile_from_runs(args)
+    try:
+        return _profile_engine(args)
+    except ProfileError as exc:
+        say(f"error: {exc}")
+        return 2
+
+
+def _profile_engine(args) -> int:
     from ..engine.engine import Engine
     from ..engine.engine_config import EngineConfig
     started = time.perf_counter()
-    engine = Engine(EngineConfig(model=args.model, device=args.device,
-                                 torch_threads=args.torch_threads,
-                                 kv_cache_gib=args.kv_cache_gib,
-                                 max_batch_tokens=max(PREFILL_LENGTHS)))
+    config = EngineConfig(model=args.model, device=args.device, torch_threads=args.torch_threads,
+                          kv_cache_gib=args.kv_cache_gib, max_batch_tokens=max(PREFILL_LENGTHS))
+    engine = Engine(config)
     if engine.max_model_len <= max(PREFILL_LENGTHS) + DECODE_STEPS + 2:
         say(f"error: the model's context of {engine.max_model_len} tokens is too short to "
             f"profile (it needs more than {max(PREFILL_LENGTHS) + DECODE_STEPS + 2})")
@@ -90,21 +107,34 @@ def run_profile(args) -> int:
     say(f"engine ready on {engine.device} ({time.perf_counter() - started:.1f} s); timing steps")
     samples = step_samples(engine, max(1, args.repeats))
     step = fit_step(samples)
+    co_samples = [] if args.no_co_run or engine.device.type != "cpu" else \
+        _co_run_samples(engine, config, max(1, args.repeats))
+    co_run = CoRunFit(*in_job_split_factors(step, co_samples)) if co_samples else CoRunFit()
     transfer = fit_transfer(copy_samples(engine, max(1, args.repeats)))
     kv = engine.kv
     profile = ProfiledCost(step, transfer, kv_bytes_per_token=kv.layer_bytes(1) * kv.num_layers,
                            tp=1, page_size=engine.pool.page_size, pages=engine.pool.num_pages,
                            vocab_size=engine.model_config.vocab_size,
                            max_model_len=engine.max_model_len,
-                           source=f"{Path(engine.model_dir).name} on {engine.device}")
-    data = {**profile.to_json(), "samples": samples,
+                           source=f"{Path(engine.model_dir).name} on {engine.device}",
+                           co_run=co_run)
+    data = {**profile.to_json(), "samples": samples, "co_run_samples": co_samples,
             "measured_s": round(time.perf_counter() - started, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
     say(f"wrote {args.out}: step = {_step_text(step)}; KV copy "
-        f"{transfer.latency_s * 1e6:.0f} us + {transfer.per_byte_s * 1e12:.1f} ps/byte "
-        f"({data['measured_s']} s)")
+        f"{transfer.latency_s * 1e6:.0f} us + {transfer.per_byte_s * 1e12:.1f} ps/byte; "
+        f"beside a stepping neighbour, prefill terms x {co_run.prefill:.3f}, the rest x "
+        f"{co_run.rest:.3f} ({data['measured_s']} s)")
     return 0
+
+
+def _co_run_samples(engine, config, repeats: int) -> list[dict]:
+    """`step_samples` again while a second engine of `config` steps in another process."""
+    from .neighbour_load import neighbour_engine
+    say("timing the steps again beside a second engine stepping on this host")
+    with neighbour_engine(config):
+        return step_samples(engine, repeats, seed=CO_RUN_SEED)
 
 
 def _profile_from_runs(args) -> int:
@@ -134,7 +164,8 @@ def _write_from_runs(args, base: ProfiledCost, samples: list[dict]) -> int:
         how = "every term refitted"
     runs = ", ".join(Path(run).name for run in args.from_run)
     source = f"{base.source}; {how}, from {len(samples)} steps of jobs ({runs})"
-    profile = dataclasses.replace(base, step=step, source=source)
+    # the jobs' steps already took what their neighbours cost them, on average
+    profile = dataclasses.replace(base, step=step, source=source, co_run=CoRunFit())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**profile.to_json(), "samples": samples},
                                          indent=1) + "\n")
@@ -157,8 +188,7 @@ def in_job_split_factors(step: StepFit, samples: list[dict]) -> tuple[float, flo
     rows = []
     for s in samples:
         shape = _shape_of(s)
-        prefill = sum(getattr(step, term) * getattr(shape, field)
-                      for term, field in PREFILL_TERMS.items())
+        prefill = step.prefill_part(shape)
         rows.append([prefill, step(shape) - prefill])
     prefill, rest = _least_squares(rows, [s["seconds"] for s in samples])
     if prefill > 0 and rest > 0:
@@ -170,11 +200,6 @@ def in_job_split_factors(step: StepFit, samples: list[dict]) -> tuple[float, flo
 def _shape_of(sample: dict) -> StepShape:
     """The shape of a job's timed step (a `samples_of` row)."""
     return StepShape(**{k: sample[k] for k in StepShape._fields})
-
-
-# the step model's terms that grow with the prompt tokens a step computes, and their shape field
-PREFILL_TERMS = {"per_prefill_token_s": "prefill_tokens",
-                 "per_attention_pair_s": "attention_pairs"}
 
 
 def scaled(step: StepFit, factor: float, prefill_factor: float | None = None) -> StepFit:
@@ -220,9 +245,11 @@ def _prompt(rng: random.Random, engine, length: int) -> list[int]:
     return [rng.randrange(5, engine.model_config.vocab_size) for _ in range(length)]
 
 
-def step_samples(engine, repeats: int) -> list[dict]:
+def step_samples(engine, repeats: int, seed: int = 20250305) -> list[dict]:
+    """Timed steps of every shape the fit needs, on prompts drawn with `seed` (prompts seen
+    before would hit the prefix cache and change the steps' shapes)."""
     from ..engine.sampling_params import SamplingParams
-    rng = random.Random(20250305)
+    rng = random.Random(seed)
     samples, names = [], iter(range(1 << 30))
     for _ in range(repeats):
         one_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -290,6 +317,16 @@ def copy_samples(engine, repeats: int) -> list[tuple[int, float]]:
 
 # ---- fitting -----------------------------------------------------------------------------------
 def fit_step(samples: list[dict]) -> StepFit:
+    """`_fit_terms` of the samples, refitted once without those that took more than
+    OUTLIER_FACTOR times what the first fit predicts for them: a pause not of the step's making
+    (the process descheduled, a page fault storm) would otherwise pull every term, the
+    intercept most (one 93 ms step among 6.5 ms ones raised it from 5.4 to 10.5 ms)."""
+    fit = _fit_terms(samples)
+    kept = [s for s in samples if s["seconds"] <= OUTLIER_FACTOR * fit(_shape_of(s))]
+    return fit if len(kept) == len(samples) or not kept else _fit_terms(kept)
+
+
+def _fit_terms(samples: list[dict]) -> StepFit:
     """Least squares of seconds on (1, prefill_tokens, decode_seqs, context_tokens,
     attention_pairs); terms whose coefficient comes out negative are dropped and the rest
     refitted."""

@@ -6,6 +6,10 @@ read from its JSON profile (pure).
                + per_attention_pair_s * attention_pairs
     transfer = latency_s + per_byte_s * bytes
 
+While another engine on the same host steps too (CPU engines share its caches and memory
+bandwidth), a step's prefill terms take `co_run.prefill` times as long and the rest
+`co_run.rest` times, per such neighbour; both are 1.0 in a profile that did not measure it.
+
 The profile was measured on one engine of `tp` devices; the simulator uses it for engines of
 that size only.
 """
@@ -22,6 +26,9 @@ from ..errors import MpiserveError
 PROFILE_KIND = "mpiserve-profile"
 STEP_TERMS = ("intercept_s", "per_prefill_token_s", "per_decode_seq_s", "per_context_token_s",
               "per_attention_pair_s")
+# the step model's terms that grow with the prompt tokens a step computes, and their shape field
+PREFILL_TERMS = {"per_prefill_token_s": "prefill_tokens",
+                 "per_attention_pair_s": "attention_pairs"}
 
 
 class ProfileError(MpiserveError):
@@ -41,6 +48,27 @@ class StepFit:
                    + self.per_decode_seq_s * shape.decode_seqs
                    + self.per_context_token_s * shape.context_tokens
                    + self.per_attention_pair_s * shape.attention_pairs)
+
+    def prefill_part(self, shape: StepShape) -> float:
+        """The seconds of its terms that grow with the prompt tokens the step computes."""
+        return sum(getattr(self, term) * getattr(shape, field)
+                   for term, field in PREFILL_TERMS.items())
+
+
+@dataclass(frozen=True)
+class CoRunFit:
+    """How much longer a step's prefill part and its rest take beside one neighbour that
+    steps at the same time."""
+    prefill: float = 1.0
+    rest: float = 1.0
+
+    def slowdown(self, step: StepFit, shape: StepShape) -> float:
+        """The fraction of its time alone that each stepping neighbour adds to a step."""
+        alone = step(shape)
+        if alone <= 0:
+            return 0.0
+        prefill = step.prefill_part(shape)
+        return ((self.prefill - 1) * prefill + (self.rest - 1) * (alone - prefill)) / alone
 
 
 @dataclass(frozen=True)
@@ -63,10 +91,15 @@ class ProfiledCost:
     vocab_size: int = 32000
     max_model_len: int = 2048
     source: str = ""                    # what was measured: model, device
+    co_run: CoRunFit = CoRunFit()      # absent (1.0, 1.0) from profiles that did not measure it
 
     def step_time(self, shape: StepShape, tp: int = 1) -> float:
         self._check_tp(tp)
         return 0.0 if shape.tokens == 0 else self.step(shape)
+
+    def co_run_slowdown(self, shape: StepShape) -> float:
+        """The fraction of its time alone that each neighbour stepping beside it adds."""
+        return self.co_run.slowdown(self.step, shape)
 
     def kv_transfer_time(self, nbytes: int, sender_tp: int = 1, receiver_tp: int = 1) -> float:
         return self.transfer(nbytes)
@@ -95,8 +128,9 @@ class ProfiledCost:
             raise ProfileError(f"{source}: not an mpiserve profile (write one with "
                                "`mpiserve profile`)")
         try:
-            known = {f.name for f in fields(cls)} - {"step", "transfer"}
+            known = {f.name for f in fields(cls)} - {"step", "transfer", "co_run"}
             return cls(StepFit(**data["step"]), TransferFit(**data["transfer"]),
+                       co_run=CoRunFit(**data.get("co_run", {})),
                        **{k: v for k, v in data.items() if k in known})
         except (KeyError, TypeError) as exc:
             raise ProfileError(f"{source}: malformed profile ({exc})") from None

@@ -101,6 +101,10 @@ class RooflineCost:
                 + max(self.compute_s(shape, tp), self.memory_s(shape, tp))
                 + self.allreduce_s(shape, tp))
 
+    def co_run_slowdown(self, shape: StepShape) -> float:
+        """None: each engine's devices are its own, whatever else runs on the host."""
+        return 0.0
+
     def kv_transfer_time(self, nbytes: int, sender_tp: int = 1, receiver_tp: int = 1) -> float:
         hw = self.hardware
         return hw.kv_latency_s + nbytes / (hw.kv_bytes_per_s * min(sender_tp, receiver_tp))

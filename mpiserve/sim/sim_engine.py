@@ -7,6 +7,12 @@ finished sends are taken between steps; a step schedules, lasts the cost model's
 records its chunks and streams the new tokens. A remote_send's KV leaves piece by piece, one
 piece per prefill step of the sender, over the sender's link (one piece at a time), and lands
 in the receiver's reserved pages when its transfer time has passed.
+
+Engines on one host (SimEngineConfig.engines_per_host) slow each other's steps down, as CPU
+engines sharing caches and memory bandwidth do: a step's work is its time alone, done at rate
+1 / (1 + n * slowdown) while n neighbours on the host are mid-step (the cost model's
+co_run_slowdown), so it ends later when neighbours start steps during it and sooner when they
+stop.
 """
 
 from __future__ import annotations
@@ -56,10 +62,11 @@ class SimEngineConfig:
     vocab_size: int = 1 << 20
     stats_interval_s: float = 0.5      # as the real engine's WorkerOptions
     control_latency_s: float = 0.0     # one-way delay of a message between rank 0 and an engine
+    engines_per_host: int = 1          # engines that slow each other's steps, in rank order
 
     def __post_init__(self):
         for name in ("page_size", "num_pages", "max_num_seqs", "max_batch_tokens",
-                     "max_model_len", "vocab_size"):
+                     "max_model_len", "vocab_size", "engines_per_host"):
             if getattr(self, name) < 1:
                 raise MpiserveError(f"simulated engine: {name} must be at least 1")
 
@@ -81,6 +88,26 @@ class SimTransfer:
 
     def __post_init__(self):
         self.sent_upto = self.begin
+
+
+@dataclass
+class SimStep:
+    """A step in progress: `left_s` of its time alone still to do, at 1 / (1 + neighbours *
+    slowdown) seconds of it per second since `since`."""
+    chunks: list
+    began: float
+    left_s: float
+    slowdown: float = 0.0
+    neighbours: int = 0
+    since: float = 0.0
+
+    def end(self) -> float:
+        return self.since + self.left_s * (1 + self.neighbours * self.slowdown)
+
+    def rerate(self, now: float, neighbours: int) -> None:
+        """From `now` on, `neighbours` step beside it."""
+        done = (now - self.since) / (1 + self.neighbours * self.slowdown)
+        self.left_s, self.since, self.neighbours = max(0.0, self.left_s - done), now, neighbours
 
 
 @dataclass(frozen=True)
@@ -111,6 +138,8 @@ class SimEngine:
         self.counters = self.generations.counters
         self.busy_s = 0.0
         self.link_free = 0.0                             # when the outgoing link is idle
+        self.host_peers: list[SimEngine] = []            # the other engines on its host
+        self.step: SimStep | None = None                 # the step in progress
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: asyncio.Handle | None = None      # the engine's next callback; None: idle
         self._stopped = False
@@ -124,7 +153,7 @@ class SimEngine:
     def _post(self, item) -> None:
         self.inbox.append(item)
         if self._pending is None and not self._stopped:
-            self._pending = self._loop.call_soon(self._resume, None)
+            self._pending = self._loop.call_soon(self._resume, False)
 
     def fail_pending(self, failure: EngineFailure) -> None:
         calls = [item[2] for item in self.inbox if item[0] == "call"]
@@ -140,7 +169,7 @@ class SimEngine:
     # a step is one timer, and an idle engine is woken by the next thing posted to it.
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._pending = self._loop.call_soon(self._resume, None, True)
+        self._pending = self._loop.call_soon(self._resume, False, True)
 
     def stop(self) -> None:
         self._stopped = True
@@ -148,12 +177,12 @@ class SimEngine:
             self._pending.cancel()
             self._pending = None
 
-    def _resume(self, step_done: tuple | None, first: bool = False) -> None:
+    def _resume(self, step_ended: bool, first: bool = False) -> None:
         """From one wait to the next: finish the step that ended (if any), take calls, landed
         KV and finished sends, then start the next step, or go idle."""
         try:
-            if step_done is not None:
-                self._finish_step(*step_done)
+            if step_ended:
+                self._finish_step()
             self._report_stats(force=first)
             self._handle_inbox()
             self.reservations.retry(_grant, _refuse)
@@ -162,9 +191,7 @@ class SimEngine:
                 self._report_stats(force=self._dirty)
                 self._pending = None
                 return
-            duration = self.cost.step_time(StepShape.of(chunks), self.tp)
-            self._pending = self._loop.call_at(self._loop.time() + duration, self._resume,
-                                               (chunks, duration))
+            self._begin_step(chunks)
         except Exception:
             self._pending = None
             self._stopped = True
@@ -192,9 +219,38 @@ class SimEngine:
             elif not future.done():
                 future.set_exception(error)
 
-    def _finish_step(self, chunks, duration: float) -> None:
+    def _begin_step(self, chunks) -> None:
+        shape, now = StepShape.of(chunks), self._loop.time()
+        self.step = SimStep(chunks, now, self.cost.step_time(shape, self.tp), since=now)
+        if self.host_peers:
+            self.step.slowdown = self.cost.co_run_slowdown(shape)
+            self.step.neighbours = sum(peer.step is not None for peer in self.host_peers)
+            self._tell_peers()
+        self._pending = self._loop.call_at(self.step.end(), self._resume, True)
+
+    def _tell_peers(self) -> None:
+        """This engine began or ended a step: its neighbours' steps change pace."""
+        now = self._loop.time()
+        for peer in self.host_peers:
+            peer._neighbours_changed(now)
+
+    def _neighbours_changed(self, now: float) -> None:
+        step = self.step
+        if step is None or self._stopped:
+            return
+        neighbours = sum(peer.step is not None for peer in self.host_peers)
+        if neighbours == step.neighbours:
+            return
+        step.rerate(now, neighbours)
+        self._pending.cancel()
+        self._pending = self._loop.call_at(step.end(), self._resume, True)
+
+    def _finish_step(self) -> None:
         """The step's time has passed: record its chunks, send KV, stream the new tokens."""
-        self.busy_s += duration
+        chunks, began, self.step = self.step.chunks, self.step.began, None
+        self.busy_s += self._loop.time() - began
+        if self.host_peers:
+            self._tell_peers()
         events = []
         for chunk in chunks:
             events.extend(self.core.chunk_computed(chunk, _pick_sim_token))

@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser, layout: bool = True) -> None:
                         metavar="SECONDS",
                         help="one-way delay of every control message between rank 0 and an "
                              "engine: calls, their answers and token updates (default 0)")
+    engine.add_argument("--engines-per-host", type=int, default=1, metavar="N",
+                        help="engines that share a host, in rank order, and slow each other's "
+                             "steps as the profile's co-run factors say (CPU engines share "
+                             "caches and memory bandwidth; a roofline's devices are each "
+                             "engine's own) (default 1)")
     engine.add_argument("--tokenizer", help="checkpoint directory whose tokenizer turns a "
                         "file's text prompts into tokens")
     parser.add_argument("--slo-ttft", type=float, help="TTFT SLO in seconds for goodput")

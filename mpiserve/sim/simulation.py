@@ -94,6 +94,7 @@ async def _simulate(requests, route, router_name, layout, cost, config, router_a
     groups = layout.job().groups
     for g in groups:
         dispatcher.engines[g.lead] = SimEngine(g.lead, g.role, g.size, config, cost, dispatcher)
+    _share_hosts(list(dispatcher.engines.values()), config.engines_per_host)
     cluster = Cluster(dispatcher, {g.lead: g.role for g in groups}, config.page_size,
                       router_args, tp={g.lead: g.size for g in groups})
     for engine in dispatcher.engines.values():
@@ -110,6 +111,14 @@ async def _simulate(requests, route, router_name, layout, cost, config, router_a
     failure = None if dispatcher.failure is None else str(dispatcher.failure)
     return SimResult(served.records, dict(dispatcher.stats), served.last_finish,
                      dict(cluster.strategies), list(cluster.failed_transfers), failure)
+
+
+def _share_hosts(engines: list[SimEngine], per_host: int) -> None:
+    """Engines in rank order, `per_host` to a host: each slows the others' steps."""
+    for first in range(0, len(engines), per_host):
+        host = engines[first:first + per_host]
+        for engine in host:
+            engine.host_peers = [peer for peer in host if peer is not engine]
 
 
 class _Served:
