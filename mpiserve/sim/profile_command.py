@@ -39,8 +39,13 @@ from .run_steps import run_step_samples
 # Prompts prefilled in one step, as mpiserve run's default budget (1024 tokens) cuts them; the
 # longest is also prefilled in chunks of half its length, so the later chunk reads earlier KV.
 PREFILL_LENGTHS = (16, 128, 512, 1024)
-DECODE_BATCHES = (1, 16)
-DECODE_CONTEXTS = (64, 1024)
+# Decode steps: (sequences, context each). Batches of 1 and 16 at a short and a long context
+# fit the context term; the batches between, at a short context, follow a step time that is
+# not linear in the sequences (fp32 linear layers compute rows in tiles of 6 on a CPU: a
+# 7-sequence step took 1.6x a 6-sequence one), so a fit on 1 and 16 alone was 10-27% high for
+# the batches of 2-6 sequences that chat's jobs ran most.
+DECODE_SHAPES = ((1, 64), (1, 1024), (16, 64), (16, 1024),
+                 *((batch, 64) for batch in (2, 4, 6, 7, 8, 12)))
 DECODE_STEPS = 4
 COPY_TOKENS = (16, 128, 512, 2048)
 CO_RUN_SEED = 20250306    # other prompts than the first pass's
@@ -259,18 +264,16 @@ def step_samples(engine, repeats: int, seed: int = 20250305) -> list[dict]:
             _timed_steps(engine)
         samples += _chunked_prefill(engine, _prompt(rng, engine, max(PREFILL_LENGTHS)),
                                     f"c{next(names)}", one_token)
-        for batch in DECODE_BATCHES:
-            for context in DECODE_CONTEXTS:
-                params = SamplingParams(max_tokens=DECODE_STEPS + 2, temperature=0,
-                                        ignore_eos=True)
-                context = _fitting_context(engine, batch, context)
-                for _ in range(batch):
-                    engine.add_request(f"d{next(names)}", _prompt(rng, engine, context), params)
-                while any(s.in_prefill or not s.output for s in engine.scheduler.running) \
-                        or engine.scheduler.waiting:
-                    _timed_steps(engine, 1)          # prefills: not decode samples
-                samples += _timed_steps(engine, DECODE_STEPS)
-                _timed_steps(engine)
+        for batch, context in DECODE_SHAPES:
+            params = SamplingParams(max_tokens=DECODE_STEPS + 2, temperature=0, ignore_eos=True)
+            context = _fitting_context(engine, batch, context)
+            for _ in range(batch):
+                engine.add_request(f"d{next(names)}", _prompt(rng, engine, context), params)
+            while any(s.in_prefill or not s.output for s in engine.scheduler.running) \
+                    or engine.scheduler.waiting:
+                _timed_steps(engine, 1)          # prefills: not decode samples
+            samples += _timed_steps(engine, DECODE_STEPS)
+            _timed_steps(engine)
     return samples
 
 
