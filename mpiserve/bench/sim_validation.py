@@ -7,8 +7,9 @@ served by real `mpiexec` jobs and by simulated engines with a profile of this ma
 
 Three public commands, run in turn: `mpiserve profile` on the benchmark model (unless
 `--profile` gives one), then for each workload `mpiserve bench` (measured) and
-`mpiserve simulate --profile` (simulated) with the same routers, rates, request count and
-seed. With `--step-fit in-job`, each workload is simulated with the step model's prefill terms
+`mpiserve simulate --profile --engines-per-host 2` (simulated: the measured job's two
+engines share this host, and its steps slow each other's as the profile's co-run factors say)
+with the same routers, rates, request count and seed. With `--step-fit in-job`, each workload is simulated with the step model's prefill terms
 and the rest scaled (`mpiserve profile --from-run --fit split`) to the steps the other
 workloads' measured jobs timed, so the cost of a step inside a job (ranks sharing cores, the
 engine loop) is in the model while no job predicts itself. Their strategies.json rows are
@@ -39,6 +40,7 @@ from .serving import SEED, mpiserve_command, resolve_model
 ALL_ROUTERS = "round_robin,pd,balanced_pd:0.1,balanced_pd:auto,prefix_aware,adaptive"
 RATES = {"long": "0.3", "chat": "2", "shared_prefix": "2"}
 COMPARED = ("mean_jct", "mean_ttft")
+ENGINES_PER_HOST = "2"           # the measured jobs' prefill and decode engine, on this host
 STEP_FITS = {
     "alone": "Step times: fitted to steps of one engine timed alone, in-process "
              "(`mpiserve profile --model`).",
@@ -113,14 +115,16 @@ def counts(rows: list[dict], name: str) -> dict:
 
 
 def fit_text(fit: dict) -> str:
-    step, transfer = fit["step"], fit["transfer"]
+    step, transfer, co_run = fit["step"], fit["transfer"], fit.get("co_run", {})
     return (f"step = {step['intercept_s'] * 1e3:.2f} ms + "
             f"{step['per_prefill_token_s'] * 1e6:.0f} us per prefill token + "
             f"{step['per_decode_seq_s'] * 1e6:.0f} us per decode sequence + "
             f"{step['per_context_token_s'] * 1e9:.0f} ns per context token + "
             f"{step.get('per_attention_pair_s', 0.0) * 1e12:.0f} ps per attention pair; "
             f"KV copy {transfer['latency_s'] * 1e6:.0f} us + "
-            f"{transfer['per_byte_s'] * 1e12:.0f} ps per byte")
+            f"{transfer['per_byte_s'] * 1e12:.0f} ps per byte; beside a stepping neighbour, "
+            f"prefill terms x {co_run.get('prefill', 1.0):.3f}, the rest x "
+            f"{co_run.get('rest', 1.0):.3f}")
 
 
 def markdown(report: dict) -> str:
@@ -143,7 +147,9 @@ def markdown(report: dict) -> str:
              f"{report['repeats']} job(s) each, measured = their mean, range = the lowest and "
              "highest of them) and once "
              "by simulated engines whose step and KV-copy times come from `mpiserve profile` "
-             "of the same model on this machine (`mpiserve simulate --profile`). Error = "
+             "of the same model on this machine (`mpiserve simulate --profile "
+             f"--engines-per-host {ENGINES_PER_HOST}`: the job's two engines share this host "
+             "and slow each other's steps by the profile's co-run factors). Error = "
              "(simulated - measured) / measured.", "", STEP_FITS[report["step_fit"]], ""]
     for workload, fit in report["profile_fits"].items():
         lines += [f"Profile for `{workload}` ({fit['source']}): {fit_text(fit)}.", ""]
@@ -232,13 +238,14 @@ def validate(args, work: Path) -> dict:
                                                                 if w != workload])
         simulated = work / f"{workload}-simulated"
         run_step([*mpiserve, "simulate", *common[workload], "--profile", str(used),
-                  "--out", str(simulated)], work / f"{workload}-simulate.log")
+                  "--engines-per-host", ENGINES_PER_HOST, "--out", str(simulated)],
+                 work / f"{workload}-simulate.log")
         measured = [rows_of(work / f"{workload}-{i}-measured" / "strategies.json")
                     for i in range(args.repeats)]
         rows += compare(measured, rows_of(simulated / "strategies.json"))
         fit = json.loads(used.read_text())
         fits[workload] = {"step": fit["step"], "transfer": fit["transfer"],
-                          "source": fit.get("source")}
+                          "co_run": fit.get("co_run"), "source": fit.get("source")}
     return {"rows": rows, "step_fit": args.step_fit, "profile_fits": fits,
             "repeats": args.repeats, "counts": {n: counts(rows, n) for n in COMPARED},
             "worst_mean_jct_error": worst(rows, "mean_jct"),
