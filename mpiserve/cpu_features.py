@@ -15,9 +15,9 @@ from pathlib import Path
 HALF_PRECISION_FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16")
 
 
-def half_precision_units(cpuinfo: str | None = None) -> list[str] | None:
-    """The flags of `HALF_PRECISION_FLAGS` the first CPU lists (in that order); None where
-    there is no /proc/cpuinfo to read (not Linux)."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str] | None:
+    """The flags the first CPU of `cpuinfo` (default: /proc/cpuinfo) lists; None where there
+    is no such text (not Linux) or it has no flags line."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         if not path.is_file():
@@ -26,9 +26,23 @@ def half_precision_units(cpuinfo: str | None = None) -> list[str] | None:
     for line in cpuinfo.splitlines():
         name, _, value = line.partition(":")
         if name.strip() == "flags":
-            present = set(value.split())
-            return [flag for flag in HALF_PRECISION_FLAGS if flag in present]
+            return set(value.split())
     return None
+
+
+def half_precision_units(cpuinfo: str | None = None) -> list[str] | None:
+    """The flags of `HALF_PRECISION_FLAGS` the first CPU lists (in that order); None where
+    there is no /proc/cpuinfo to read (not Linux)."""
+    present = cpu_flags(cpuinfo)
+    if present is None:
+        return None
+    return [flag for flag in HALF_PRECISION_FLAGS if flag in present]
+
+
+def has_avx512(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has AVX-512's 32 vector registers of 16 floats (`avx512f`): what the
+    float32 panel kernel's tiles are cut for (`model.linear_weight`)."""
+    return "avx512f" in (cpu_flags(cpuinfo) or ())
 
 
 def describe(units: list[str] | None) -> str:

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mpiserve.cpu_features import has_avx512
 from mpiserve.kernels import panel_matmul
+from mpiserve.model import linear_weight
 from mpiserve.model.linear_weight import for_linear, linear
 
 
@@ -71,15 +73,27 @@ def test_which_weights_are_packed():
     assert not panel_matmul.can_pack(torch.zeros(64))
 
 
-def test_linear_layers_hold_float32_panels_on_one_thread_only(monkeypatch):
+def test_linear_layers_hold_float32_panels_on_one_thread_with_avx512_only(monkeypatch):
+    monkeypatch.setattr(linear_weight, "_AVX512", True)
     w = _weight(128, 48)
     assert for_linear(w).dim() == 3                                  # the suite runs 1 thread
     assert for_linear(_weight(96, 48)).dim() != 3
+    monkeypatch.setattr(linear_weight, "_AVX512", False)             # an AVX2-only CPU
+    assert for_linear(w).dim() != 3
+    monkeypatch.setattr(linear_weight, "_AVX512", True)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert for_linear(w).dim() != 3
 
 
-def test_linear_with_panels_keeps_leading_dims_bias_and_dtype():
+def test_panels_are_chosen_by_the_cpu_flags():
+    assert has_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not has_avx512("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert not has_avx512("processor\t: 0\n")
+    assert linear_weight._AVX512 == has_avx512()
+
+
+def test_linear_with_panels_keeps_leading_dims_bias_and_dtype(monkeypatch):
+    monkeypatch.setattr(linear_weight, "_AVX512", True)
     w, bias = _weight(128, 48), torch.randn(128)
     packed = for_linear(w)
     x = torch.randn(2, 3, 48)

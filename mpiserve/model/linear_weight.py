@@ -18,8 +18,10 @@ Float32 CPU weights with a multiple of 64 outputs go further, on a single torch 
 are held in the panels of `kernels.panel_matmul`, whose kernel prefetches the weights it is
 about to use. On an AVX-512 Xeon without AMX, a decode step's products took 0.67-0.85x
 oneDNN's packed time at 8-64 rows (best of 3; medians 0.84-0.90x) and 0.97-1.06x from 128
-rows on. The kernel is
-single-threaded, so with more torch threads the weights stay with oneDNN.
+rows on. The kernel is single-threaded, so with more torch threads the weights stay with
+oneDNN. Its tiles are cut for AVX-512 (6 x 4 sums of 16 floats in 32 registers): on an
+AVX2-only EPYC (16 registers of 8 floats) the same products took 1.0-1.4x oneDNN's time at
+1-12 rows and 1.6-2.5x from 16 rows on, so there the weights stay with oneDNN too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mpiserve import cpu_features
 from mpiserve.kernels import panel_matmul
+
+_AVX512 = cpu_features.has_avx512()     # a fact of the CPU: every engine of a host chooses alike
 
 _PACK_ROWS_HINT = 16     # oneDNN's reorder takes an expected row count; measured not to matter
 
@@ -44,7 +49,7 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
 def for_linear(weight: torch.Tensor) -> torch.Tensor:
     """The weight `[out, in]` as `linear` multiplies it fastest on its device: float32 panels
     `[out / 64, in, 64]` (3-D), a oneDNN tensor, or the weight itself."""
-    if panel_matmul.can_pack(weight) and torch.get_num_threads() == 1:
+    if panel_matmul.can_pack(weight) and torch.get_num_threads() == 1 and _AVX512:
         return panel_matmul.pack_panels(weight)
     if weight.device.type != "cpu" or not _onednn_packs(weight.dtype):
         return weight
