@@ -18,7 +18,7 @@ host with gloo it adds a comparable copy, see results/kv_path.md).
 On a CPU it then times the same steps again beside a second engine that steps without pause
 in another process (neighbour_load), and fits how much longer the prefill terms and the rest
 take there (the profile's co_run factors): what `mpiserve simulate --engines-per-host` charges
-engines that share a host. Runs in about two minutes on the built-in demo model on a CPU.
+engines that share a host. Takes a few minutes on the built-in demo model on a CPU.
 """
 
 from __future__ import annotations
