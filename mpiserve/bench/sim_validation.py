@@ -9,10 +9,11 @@ Three public commands, run in turn: `mpiserve profile` on the benchmark model (u
 `--profile` gives one), then for each workload `mpiserve bench` (measured) and
 `mpiserve simulate --profile --engines-per-host 2` (simulated: the measured job's two
 engines share this host, and its steps slow each other's as the profile's co-run factors say)
-with the same routers, rates, request count and seed. With `--step-fit in-job`, each workload is simulated with the step model's prefill terms
-and the rest scaled (`mpiserve profile --from-run --fit split`) to the steps the other
-workloads' measured jobs timed, so the cost of a step inside a job (ranks sharing cores, the
-engine loop) is in the model while no job predicts itself. Their strategies.json rows are
+with the same routers, rates, request count and seed. With `--step-fit in-job`, each workload
+is simulated with the step model's prefill terms and the rest scaled (`mpiserve profile
+--from-run --fit split`) to the steps the other workloads' measured jobs timed, so the cost of
+a step inside a job (ranks sharing cores, the engine loop) is in the model while no job
+predicts itself. Their strategies.json rows are
 joined on (workload, router, rate) and compared on mean JCT and mean TTFT. With `--repeats R`
 every measured job runs R times (the workloads taking turns, so the machine's drift falls on
 each alike) and the simulation is set against their mean and their range. Writes

@@ -41,9 +41,9 @@ from .run_steps import run_step_samples
 PREFILL_LENGTHS = (16, 128, 512, 1024)
 # Decode steps: (sequences, context each). Batches of 1 and 16 at a short and a long context
 # fit the context term; the batches between, at a short context, follow a step time that is
-# not linear in the sequences (fp32 linear layers compute rows in tiles of 6 on a CPU: a
-# 7-sequence step took 1.6x a 6-sequence one), so a fit on 1 and 16 alone was 10-27% high for
-# the batches of 2-6 sequences that chat's jobs ran most.
+# not linear in the sequences (with float32 panels, which compute rows in tiles of 6, a
+# 7-sequence step took 1.6x a 6-sequence one on an AVX2 CPU), so a fit on 1 and 16 alone was
+# 10-27% high for the batches of 2-6 sequences that chat's jobs ran most.
 DECODE_SHAPES = ((1, 64), (1, 1024), (16, 64), (16, 1024),
                  *((batch, 64) for batch in (2, 4, 6, 7, 8, 12)))
 DECODE_STEPS = 4

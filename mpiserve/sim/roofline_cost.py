@@ -102,7 +102,7 @@ class RooflineCost:
                 + self.allreduce_s(shape, tp))
 
     def co_run_slowdown(self, shape: StepShape) -> float:
-        """None: each engine's devices are its own, whatever else runs on the host."""
+        """No slowdown: each engine's devices are its own, whatever else runs on the host."""
         return 0.0
 
     def kv_transfer_time(self, nbytes: int, sender_tp: int = 1, receiver_tp: int = 1) -> float:
